@@ -1,0 +1,31 @@
+"""Bounded, supervised background jobs for Trio programs."""
+
+from ._config import BackgroundJobMetadata as BackgroundJobMetadata
+from ._config import BackgroundTaskConfig as BackgroundTaskConfig
+from ._exceptions import BackgroundJobError as BackgroundJobError
+from ._exceptions import BackgroundShutdownError as BackgroundShutdownError
+from ._exceptions import BackgroundSpawnError as BackgroundSpawnError
+from ._exceptions import QueueFullError as QueueFullError
+from ._exceptions import RuntimeClosedError as RuntimeClosedError
+from ._instrument import BackgroundInstrument as BackgroundInstrument
+from ._runtime import BackgroundHandle as BackgroundHandle
+from ._runtime import BackgroundRuntime as BackgroundRuntime
+from ._runtime import open_background_runtime as open_background_runtime
+from ._statistics import BackgroundStatistics as BackgroundStatistics
+from ._version import __version__ as __version__
+
+__all__ = [
+    "BackgroundHandle",
+    "BackgroundInstrument",
+    "BackgroundJobError",
+    "BackgroundJobMetadata",
+    "BackgroundRuntime",
+    "BackgroundShutdownError",
+    "BackgroundSpawnError",
+    "BackgroundStatistics",
+    "BackgroundTaskConfig",
+    "QueueFullError",
+    "RuntimeClosedError",
+    "__version__",
+    "open_background_runtime",
+]

@@ -1,0 +1,50 @@
+"""The statistics snapshot."""
+
+from __future__ import annotations
+
+import attrs
+
+
+@attrs.frozen
+class BackgroundStatistics:
+    """A snapshot of a runtime's state, returned by `BackgroundRuntime.statistics`.
+
+    At every instant ``accepted == queued + running + completed + failed +
+    timed_out + cancelled + dropped``.
+    """
+
+    #: Jobs accepted but not started yet.
+    queued: int
+    #: Jobs running now.
+    running: int
+    #: Jobs that returned normally.
+    completed: int
+    #: Jobs that raised an `Exception` (or were not async functions).
+    failed: int
+    #: Jobs cancelled because they ran past their timeout.
+    timed_out: int
+    #: Jobs cancelled at shutdown (drain deadline, cancelled close, or error).
+    cancelled: int
+    #: Jobs discarded at shutdown without ever starting.
+    dropped: int
+    #: Calls to `BackgroundHandle.spawn` that raised `QueueFullError`.
+    rejected: int
+    #: The queue's capacity (`BackgroundTaskConfig.max_queue_size`).
+    max_queue_size: int
+    #: The number of slots (`BackgroundTaskConfig.max_concurrent_tasks`).
+    max_concurrent_tasks: int
+    #: Whether shutdown has begun (no more jobs are accepted).
+    closed: bool
+
+    @property
+    def accepted(self) -> int:
+        """Jobs accepted by a successful `BackgroundHandle.spawn` or `BackgroundHandle.send`."""
+        return (
+            self.queued
+            + self.running
+            + self.completed
+            + self.failed
+            + self.timed_out
+            + self.cancelled
+            + self.dropped
+        )
