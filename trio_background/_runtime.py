@@ -166,7 +166,7 @@ class _RuntimeState:
         if timeout is None:
             timeout = self.job_timeout
         else:
-            check_timeout("timeout", timeout, allow_none=False, allow_zero=False)
+            check_timeout("timeout", timeout, allow_none=True, allow_zero=False)
         return _Job(fn, args, name, request_id, timeout)
 
     def try_accept(self, job: _Job) -> bool:
@@ -398,6 +398,12 @@ class _RuntimeState:
         if self.is_idle():
             self._on_idle()
 
+    async def _cut_off_and_wait(self) -> None:
+        """Cut off, then wait for the cancelled jobs to unwind, so that nothing runs after."""
+        self.cut_off()
+        with trio.CancelScope(shield=True):
+            await self.wait_idle()
+
     async def aclose(self) -> None:
         self.check_not_in_job("aclose")
         if self.closing:
@@ -409,11 +415,10 @@ class _RuntimeState:
             with trio.move_on_after(self.config.drain_timeout):
                 await self.wait_idle()
         except BaseException:
-            self.cut_off()
+            await self._cut_off_and_wait()
             raise
         if not self.is_idle():
-            self.cut_off()
-            await self.wait_idle()
+            await self._cut_off_and_wait()
         self.done.set()
         if self.cut_cancelled or self.cut_dropped:
             cancelled = tuple(job.metadata() for job in sorted(self.cut_cancelled, key=_seq))
