@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import logging
+import math
 import sys
 import threading
 import types
@@ -169,17 +170,26 @@ class _RuntimeState:
             check_timeout("timeout", timeout, allow_none=True, allow_zero=False)
         return _Job(fn, args, name, request_id, timeout)
 
+    # Instrument hooks are called only once the state they describe is complete, so a
+    # hook that reads statistics() sees counters that add up.
+
     def try_accept(self, job: _Job) -> bool:
         """Start ``job`` or queue it; False when every slot is busy and the queue is full."""
         if self.closed:
             raise RuntimeClosedError
         if not self.queued and self.limiter.borrowed_tokens < self.max_concurrent_tasks:
-            self._mark_accepted(job)
+            self._accept(job)
             # start_soon copies the current context: the submitter's.
             self._start(job)
+            if self.instruments.hooks:
+                self._report_accepted(job)
+                self._report_started(job)
         elif self.queued < self.max_queue_size:
             job.context = contextvars.copy_context()
+            self._accept(job)
             self._enqueue(job)
+            if self.instruments.hooks:
+                self._report_accepted(job)
         else:
             return False
         return True
@@ -210,23 +220,29 @@ class _RuntimeState:
         if not job.seq:
             raise RuntimeClosedError
 
-    def _mark_accepted(self, job: _Job) -> None:
+    def _accept(self, job: _Job) -> None:
         self.last_seq += 1
         job.seq = self.last_seq
-        if self.instruments.hooks:
-            self.instruments.call("job_accepted", job.metadata())
 
     def _enqueue(self, job: _Job) -> None:
-        self._mark_accepted(job)
         self.send_channel.send_nowait(job)
         self.queued += 1
 
     def _admit_waiter(self) -> _Job:
         """Accept the longest-waiting send(); its task wakes up and returns."""
         task, job = self.send_waiters.popitem(last=False)
-        self._mark_accepted(job)
+        self._accept(job)
         trio.lowlevel.reschedule(task)
         return job
+
+    def _report_accepted(self, job: _Job) -> None:
+        if "job_accepted" in self.instruments.hooks:
+            self.instruments.call("job_accepted", job.metadata())
+
+    def _report_started(self, job: _Job) -> None:
+        job.started_at = trio.current_time()
+        if "job_started" in self.instruments.hooks:
+            self.instruments.call("job_started", job.metadata())
 
     # -- running --------------------------------------------------------------------
 
@@ -234,32 +250,10 @@ class _RuntimeState:
         """Give ``job`` a slot (one must be free) and start its task."""
         assert self.jobs_nursery is not None
         self.limiter.acquire_on_behalf_of_nowait(job)
-        hooks = self.instruments.hooks
-        if hooks:
-            job.started_at = trio.current_time()
-            if "job_started" in hooks:
-                self.instruments.call("job_started", job.metadata())
         if job.context is None:
             self.jobs_nursery.start_soon(self._run, job)
         else:
             job.context.run(self.jobs_nursery.start_soon, self._run, job)
-
-    def _next_job(self) -> _Job | None:
-        """Take the job that should have the next free slot, if any."""
-        if self.queued:
-            job = self.receive_channel.receive_nowait()
-            self.queued -= 1
-            if self.send_waiters:
-                self._enqueue_waiter()
-            return job
-        if self.send_waiters:  # only when max_queue_size == 0
-            return self._admit_waiter()
-        return None
-
-    def _enqueue_waiter(self) -> None:
-        job = self._admit_waiter()
-        self.send_channel.send_nowait(job)
-        self.queued += 1
 
     async def _run(self, job: _Job) -> None:
         outcome: Outcome = "completed"
@@ -300,6 +294,7 @@ class _RuntimeState:
 
     @enable_ki_protection
     def _finish(self, job: _Job, outcome: Outcome, culprit: bool) -> None:
+        """Count how ``job`` ended and hand its slot to the next job, if any."""
         if self.cutting_off and not culprit:
             outcome = "cancelled"
             self.cut_cancelled.append(job)
@@ -316,18 +311,32 @@ class _RuntimeState:
             self.timed_out += 1
         else:
             self.cancelled += 1
-        hooks = self.instruments.hooks
-        if "job_finished" in hooks:
-            duration = trio.current_time() - job.started_at
-            self.instruments.call("job_finished", job.metadata(), outcome, duration)
         self.limiter.release_on_behalf_of(job)
-        if not self.cutting_off:
-            following = self._next_job()
-            if following is not None:
-                self._start(following)
-                return
-        if not self.queued and not self.limiter.borrowed_tokens:
+        following: _Job | None = None
+        admitted: _Job | None = None  # a waiting send() whose job was just accepted
+        if self.cutting_off:
+            pass
+        elif self.queued:
+            following = self.receive_channel.receive_nowait()
+            self.queued -= 1
+            if self.send_waiters:
+                admitted = self._admit_waiter()
+                self._enqueue(admitted)
+        elif self.send_waiters:  # only with max_queue_size == 0: straight to the slot
+            following = admitted = self._admit_waiter()
+        if following is not None:
+            self._start(following)
+        elif not self.queued and not self.limiter.borrowed_tokens:
             self._on_idle()
+        if self.instruments.hooks:
+            # The counters already include the admitted job: report its acceptance first.
+            if admitted is not None:
+                self._report_accepted(admitted)
+            if "job_finished" in self.instruments.hooks:
+                duration = trio.current_time() - job.started_at
+                self.instruments.call("job_finished", job.metadata(), outcome, duration)
+            if following is not None:
+                self._report_started(following)
 
     # -- idleness and shutdown ------------------------------------------------------
 
@@ -406,30 +415,33 @@ class _RuntimeState:
 
     async def aclose(self) -> None:
         self.check_not_in_job("aclose")
-        if self.closing:
-            await self.done.wait()
-            return
+        # Only the first call drains against the deadline; later ones wait for it.
+        first = not (self.closing or self.cutting_off)
         self.closing = True
         self.close_intake()
         try:
-            with trio.move_on_after(self.config.drain_timeout):
-                await self.wait_idle()
+            with trio.move_on_after(self.config.drain_timeout if first else math.inf):
+                await self.done.wait()
         except BaseException:
             await self._cut_off_and_wait()
             raise
-        if not self.is_idle():
-            await self._cut_off_and_wait()
-        self.done.set()
-        if self.cut_cancelled or self.cut_dropped:
-            cancelled = tuple(job.metadata() for job in sorted(self.cut_cancelled, key=_seq))
-            dropped = tuple(job.metadata() for job in self.cut_dropped)
-            raise BackgroundShutdownError(
-                f"drain timed out after {self.config.drain_timeout} seconds: "
-                f"{len(cancelled)} running job(s) cancelled, {len(dropped)} queued job(s) dropped",
-                cancelled=cancelled,
-                dropped=dropped,
-                statistics=self.statistics(),
-            )
+        if self.done.is_set():
+            return
+        # The deadline passed. If something else already cut off (the body raised, a job
+        # raised KeyboardInterrupt), that path reports; otherwise this call does.
+        by_us = not self.cutting_off
+        await self._cut_off_and_wait()
+        if not by_us:
+            return
+        cancelled = tuple(job.metadata() for job in sorted(self.cut_cancelled, key=_seq))
+        dropped = tuple(job.metadata() for job in self.cut_dropped)
+        raise BackgroundShutdownError(
+            f"drain timed out after {self.config.drain_timeout} seconds: "
+            f"{len(cancelled)} running job(s) cancelled, {len(dropped)} queued job(s) dropped",
+            cancelled=cancelled,
+            dropped=dropped,
+            statistics=self.statistics(),
+        )
 
     def statistics(self) -> BackgroundStatistics:
         return BackgroundStatistics(
