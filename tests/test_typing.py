@@ -1,0 +1,125 @@
+"""The public API is typed precisely enough that mypy flags a wrong job argument.
+
+Two layers:
+
+* static: the ``_static_*`` functions below are never called; mypy (run on ``tests/`` in CI
+  with ``warn_unused_ignores``) checks them, so each ``# type: ignore[arg-type]`` must be
+  needed (the line really is an error) and each ``assert_type`` must hold;
+* dynamic: `test_mypy_flags_wrong_spawn_argument` runs mypy on a snippet and asserts the exact
+  errors, so this test fails even where mypy is not run on the test suite.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+
+from typing_extensions import assert_type
+
+from trio_background import (
+    BackgroundHandle,
+    BackgroundRuntime,
+    BackgroundStatistics,
+    open_background_runtime,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+async def takes_int(x: int) -> None:
+    """A job taking one int."""
+
+
+async def takes_int_str(x: int, s: str) -> None:
+    """A job taking an int and a str."""
+
+
+def _static_spawn(handle: BackgroundHandle) -> None:  # checked by mypy, never called
+    handle.spawn(takes_int, 1)
+    handle.spawn(takes_int_str, 1, "a", name="n", request_id="r", timeout=1.5)
+    handle.spawn(takes_int, "wrong")  # type: ignore[arg-type]
+    handle.spawn(takes_int)  # type: ignore[arg-type]
+    handle.spawn(takes_int, 1, 2)  # type: ignore[arg-type]
+    handle.spawn(takes_int_str, "a", 1)  # type: ignore[arg-type]
+    handle.spawn(takes_int, 1, name=3)  # type: ignore[arg-type]
+    handle.spawn(takes_int, 1, request_id=4)  # type: ignore[arg-type]
+    handle.spawn(takes_int, 1, timeout="5")  # type: ignore[arg-type]
+    handle.spawn(takes_int(1))  # type: ignore[arg-type]
+
+
+async def _static_send(handle: BackgroundHandle) -> None:  # checked by mypy, never called
+    await handle.send(takes_int, 1)
+    await handle.send(takes_int, "wrong")  # type: ignore[arg-type]
+    await handle.send(takes_int_str, 1)  # type: ignore[arg-type]
+
+
+def _static_runtime(runtime: BackgroundRuntime) -> None:  # checked by mypy, never called
+    assert_type(runtime.handle(), BackgroundHandle)
+    assert_type(runtime.statistics(), BackgroundStatistics)
+    assert_type(runtime.statistics().accepted, int)
+    assert_type(runtime.statistics().closed, bool)
+    assert_type(open_background_runtime(), AbstractAsyncContextManager[BackgroundRuntime])
+
+
+SNIPPET = textwrap.dedent(
+    """\
+    from trio_background import BackgroundHandle
+
+
+    async def takes_int(x: int) -> None: ...
+
+
+    def use(handle: BackgroundHandle) -> None:
+        handle.spawn(takes_int, 1)
+        handle.spawn(takes_int, 2, name="n", request_id="r", timeout=1.5)
+        handle.spawn(takes_int, "wrong")
+
+
+    async def use_send(handle: BackgroundHandle) -> None:
+        await handle.send(takes_int, 3)
+        await handle.send(takes_int, "wrong")
+    """
+)
+
+
+def test_mypy_flags_wrong_spawn_argument(tmp_path: Path) -> None:
+    snippet = tmp_path / "spawn_typing_snippet.py"
+    snippet.write_text(SNIPPET)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--config-file",
+            str(REPO / "pyproject.toml"),
+            "--show-error-codes",
+            "--no-error-summary",
+            "--no-pretty",
+            str(snippet),
+        ],
+        cwd=REPO,  # reuse the repository's mypy cache
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    errors = [line for line in result.stdout.splitlines() if ": error:" in line]
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert len(errors) == 2, result.stdout
+    # "path:line: error: message  [code]". Compare the file name only: mypy's incremental
+    # cache may replay an error with the path of an earlier run's temporary directory.
+    located = []
+    for line in errors:
+        path, lineno, rest = line.split(":", 2)
+        located.append((Path(path).name, int(lineno), rest))
+    (spawn_file, spawn_line, spawn_msg), (send_file, send_line, send_msg) = located
+    # Only the two "wrong" lines are flagged; the correct calls above them are clean.
+    assert (spawn_file, spawn_line) == (snippet.name, 10)
+    assert 'Argument 1 to "spawn" of "BackgroundHandle"' in spawn_msg
+    assert spawn_msg.endswith("[arg-type]")
+    assert (send_file, send_line) == (snippet.name, 15)
+    assert 'Argument 1 to "send" of "BackgroundHandle"' in send_msg
+    assert send_msg.endswith("[arg-type]")
