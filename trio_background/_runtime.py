@@ -273,7 +273,7 @@ class _RuntimeState:
                 if scope.cancelled_caught:
                     outcome = "timed_out"
                     logger.warning(
-                        "background job %r timed out after %s seconds",
+                        "background job %r timed out after %g seconds",
                         job.metadata().name,
                         job.timeout,
                         extra=_job_extra(job),
