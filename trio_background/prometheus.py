@@ -1,0 +1,242 @@
+"""Prometheus metrics for background jobs (optional extra).
+
+Install the extra with ``pip install trio-background[prometheus]``; this is the
+only module that imports ``prometheus_client``, and `trio_background` does
+not import it. Create one `PrometheusInstrument` and pass it to
+`~trio_background.open_background_runtime` through ``instruments=``::
+
+    from prometheus_client import CollectorRegistry
+    from trio_background import open_background_runtime
+    from trio_background.prometheus import PrometheusInstrument
+
+    registry = CollectorRegistry()
+    instrument = PrometheusInstrument(registry)
+    async with open_background_runtime(instruments=[instrument]) as runtime:
+        ...
+
+.. versionadded:: 1.0
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+from ._config import BackgroundJobMetadata
+from ._instrument import BackgroundInstrument
+
+__all__ = ["DEFAULT_BUCKETS", "PrometheusInstrument"]
+
+#: Upper bounds (seconds) of the job duration histogram's buckets, from 5 ms to 5 minutes.
+DEFAULT_BUCKETS: tuple[float, ...] = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
+
+
+class PrometheusInstrument(BackgroundInstrument):
+    """A `~trio_background.BackgroundInstrument` that exports job metrics to Prometheus.
+
+    Every metric has the label ``job``, the job's name (the ``name`` of its
+    `~trio_background.BackgroundJobMetadata`);
+    ``<namespace>_jobs_finished_total`` also has ``outcome`` (``completed``,
+    ``failed``, ``timed_out`` or ``cancelled``). All the series of a job name
+    appear, at zero, when the first job of that name is accepted or rejected.
+    With the default namespace the metrics are:
+
+    - ``trio_background_jobs_accepted_total`` (counter): jobs accepted by
+      `~trio_background.BackgroundHandle.spawn` or
+      `~trio_background.BackgroundHandle.send`.
+    - ``trio_background_jobs_rejected_total`` (counter): spawns refused with
+      `~trio_background.QueueFullError`.
+    - ``trio_background_jobs_dropped_total`` (counter): queued jobs discarded at
+      shutdown without starting.
+    - ``trio_background_jobs_finished_total`` (counter): jobs that started and
+      ended, by ``outcome``.
+    - ``trio_background_job_duration_seconds`` (histogram): seconds from a job's
+      start to its end, whatever the outcome.
+    - ``trio_background_jobs_queued`` (gauge): jobs accepted but not started.
+    - ``trio_background_jobs_running`` (gauge): jobs running now.
+
+    One instrument may serve several runtimes at once; its gauges then add up
+    the runtimes' jobs. A registry can hold only one instrument per namespace:
+    creating a second one with the same registry and namespace raises
+    `ValueError` (from ``prometheus_client``, for the duplicated names).
+
+    Args:
+        registry: The registry to register the metrics in. `None` means
+            ``prometheus_client.REGISTRY``, the default registry that
+            ``start_http_server`` and ``generate_latest`` use.
+        namespace: The prefix of every metric name.
+        buckets: The duration histogram's bucket upper bounds, in seconds.
+
+    Raises:
+        ValueError: ``registry`` already holds metrics with these names.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        namespace: str = "trio_background",
+        buckets: Sequence[float] = DEFAULT_BUCKETS,
+    ) -> None:
+        if registry is None:
+            registry = REGISTRY
+        #: The registry the metrics are registered in.
+        self.registry: CollectorRegistry = registry
+        self._accepted = Counter(
+            "jobs_accepted",
+            "Background jobs accepted by spawn() or send().",
+            ["job"],
+            namespace=namespace,
+            registry=None,
+        )
+        self._rejected = Counter(
+            "jobs_rejected",
+            "Background jobs refused because the queue was full.",
+            ["job"],
+            namespace=namespace,
+            registry=None,
+        )
+        self._dropped = Counter(
+            "jobs_dropped",
+            "Queued background jobs discarded at shutdown without starting.",
+            ["job"],
+            namespace=namespace,
+            registry=None,
+        )
+        self._finished = Counter(
+            "jobs_finished",
+            "Background jobs that started and ended, by outcome.",
+            ["job", "outcome"],
+            namespace=namespace,
+            registry=None,
+        )
+        self._duration = Histogram(
+            "job_duration_seconds",
+            "Seconds from a background job's start to its end.",
+            ["job"],
+            namespace=namespace,
+            buckets=tuple(buckets),
+            registry=None,
+        )
+        self._queued = Gauge(
+            "jobs_queued",
+            "Background jobs accepted but not started.",
+            ["job"],
+            namespace=namespace,
+            registry=None,
+        )
+        self._running = Gauge(
+            "jobs_running",
+            "Background jobs running now.",
+            ["job"],
+            namespace=namespace,
+            registry=None,
+        )
+        collectors = (
+            self._accepted,
+            self._rejected,
+            self._dropped,
+            self._finished,
+            self._duration,
+            self._queued,
+            self._running,
+        )
+        # Names whose series exist already (see _first_seen).
+        self._seen: set[str] = set()
+        # Register all or nothing, so a name clash leaves the registry as it was.
+        registered: list[Counter | Gauge | Histogram] = []
+        try:
+            for collector in collectors:
+                registry.register(collector)
+                registered.append(collector)
+        except ValueError:
+            for collector in registered:
+                registry.unregister(collector)
+            raise
+
+    def _first_seen(self, name: str) -> None:
+        """Create every series of a job name at zero, so queries see 0 rather than nothing."""
+        self._seen.add(name)
+        for metric in (
+            self._accepted,
+            self._rejected,
+            self._dropped,
+            self._duration,
+            self._queued,
+            self._running,
+        ):
+            metric.labels(name)
+        for outcome in ("completed", "failed", "timed_out", "cancelled"):
+            self._finished.labels(name, outcome)
+
+    def job_accepted(self, job: BackgroundJobMetadata) -> None:
+        """Count the job as accepted and queued.
+
+        Args:
+            job: The job's metadata.
+        """
+        if job.name not in self._seen:
+            self._first_seen(job.name)
+        self._accepted.labels(job.name).inc()
+        self._queued.labels(job.name).inc()
+
+    def job_rejected(self, job: BackgroundJobMetadata) -> None:
+        """Count the job as rejected.
+
+        Args:
+            job: The job's metadata.
+        """
+        if job.name not in self._seen:
+            self._first_seen(job.name)
+        self._rejected.labels(job.name).inc()
+
+    def job_started(self, job: BackgroundJobMetadata) -> None:
+        """Move the job from queued to running.
+
+        Args:
+            job: The job's metadata.
+        """
+        self._queued.labels(job.name).dec()
+        self._running.labels(job.name).inc()
+
+    def job_finished(self, job: BackgroundJobMetadata, outcome: str, duration: float) -> None:
+        """Count the job's outcome and record its duration.
+
+        Args:
+            job: The job's metadata.
+            outcome: One of ``"completed"``, ``"failed"``, ``"timed_out"``,
+                ``"cancelled"``.
+            duration: Seconds from the job's start to its end.
+        """
+        self._running.labels(job.name).dec()
+        self._finished.labels(job.name, outcome).inc()
+        self._duration.labels(job.name).observe(duration)
+
+    def job_dropped(self, job: BackgroundJobMetadata) -> None:
+        """Count the job as dropped and no longer queued.
+
+        Args:
+            job: The job's metadata.
+        """
+        self._queued.labels(job.name).dec()
+        self._dropped.labels(job.name).inc()
+
+    def __repr__(self) -> str:
+        return f"<trio_background.prometheus.PrometheusInstrument at {id(self):#x}>"
