@@ -270,7 +270,8 @@ class _RuntimeState:
             else:
                 with trio.move_on_after(job.timeout) as scope:
                     await coro
-                if scope.cancelled_caught:
+                # Past its deadline, even if it shielded itself or swallowed Cancelled.
+                if scope.cancel_called:
                     outcome = "timed_out"
                     logger.warning(
                         "background job %r timed out after %g seconds",
