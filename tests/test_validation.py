@@ -1,0 +1,558 @@
+"""Bad input and misuse: every wrong argument is refused at once and leaves no trace.
+
+Each test that calls into a live runtime proves that nothing was accepted or
+counted: ``statistics()`` is equal before and after the bad call, and no
+instrument hook fired. The table in ``docs/reliability.rst`` lists these tests.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import attrs
+import pytest
+import trio
+import trio.testing
+
+from trio_background import (
+    BackgroundHandle,
+    BackgroundJobMetadata,
+    BackgroundSpawnError,
+    BackgroundStatistics,
+    BackgroundTaskConfig,
+    QueueFullError,
+    RuntimeClosedError,
+    open_background_runtime,
+)
+
+# Two slots and room for four queued jobs: the refusal scenario keeps two jobs
+# running and one queued, so an accidental acceptance would show in any counter.
+CONFIG = BackgroundTaskConfig(max_queue_size=4, max_concurrent_tasks=2, drain_timeout=5.0)
+
+
+class Recorder:
+    """An instrument that records every hook call as ``(hook, job name)``."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def job_accepted(self, job: BackgroundJobMetadata) -> None:
+        self.calls.append(("accepted", job.name))
+
+    def job_rejected(self, job: BackgroundJobMetadata) -> None:
+        self.calls.append(("rejected", job.name))
+
+    def job_started(self, job: BackgroundJobMetadata) -> None:
+        self.calls.append(("started", job.name))
+
+    def job_finished(self, job: BackgroundJobMetadata, outcome: str, duration: float) -> None:
+        self.calls.append(("finished", job.name))
+
+    def job_dropped(self, job: BackgroundJobMetadata) -> None:
+        self.calls.append(("dropped", job.name))
+
+
+def counts(stats: BackgroundStatistics) -> dict[str, int]:
+    return {
+        "queued": stats.queued,
+        "running": stats.running,
+        "completed": stats.completed,
+        "failed": stats.failed,
+        "timed_out": stats.timed_out,
+        "cancelled": stats.cancelled,
+        "dropped": stats.dropped,
+        "rejected": stats.rejected,
+    }
+
+
+def expected(**nonzero: int) -> dict[str, int]:
+    result = dict.fromkeys(
+        ("queued", "running", "completed", "failed", "timed_out", "cancelled", "dropped"), 0
+    )
+    result["rejected"] = 0
+    result.update(nonzero)
+    return result
+
+
+async def sleeper(seconds: float) -> None:
+    await trio.sleep(seconds)
+
+
+async def submit(handle: BackgroundHandle, method: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+    """Call ``handle.spawn`` or ``await handle.send`` with arguments mypy would refuse."""
+    if method == "spawn":
+        handle.spawn(fn, *args, **kwargs)
+    else:
+        await handle.send(fn, *args, **kwargs)
+
+
+async def assert_refused(
+    attempt: Callable[[BackgroundHandle], Awaitable[object]],
+    error: type[BaseException],
+    pattern: str,
+) -> BaseException:
+    """Run ``attempt`` against a busy runtime and prove it was refused without a trace.
+
+    The runtime has two running jobs and one queued job when ``attempt`` runs.
+    The attempt must raise ``error`` matching ``pattern``; statistics and
+    instrument calls must be exactly what they were; and after the runtime has
+    drained, exactly the three legitimate jobs ran.
+    """
+    recorder = Recorder()
+    release = trio.Event()
+    async with open_background_runtime(CONFIG, instruments=[recorder]) as runtime:
+        handle = runtime.handle()
+        for _ in range(3):
+            handle.spawn(release.wait, name="legit")
+        await trio.testing.wait_all_tasks_blocked()
+        before = runtime.statistics()
+        assert counts(before) == expected(running=2, queued=1)
+        calls_before = list(recorder.calls)
+        with pytest.raises(error, match=pattern) as excinfo:
+            await attempt(handle)
+        assert runtime.statistics() == before
+        assert recorder.calls == calls_before
+        release.set()
+    final = runtime.statistics()
+    assert counts(final) == expected(completed=3)
+    assert final.accepted == 3
+    assert [call for call in recorder.calls if call[0] == "accepted"] == [("accepted", "legit")] * 3
+    return excinfo.value
+
+
+# -- BackgroundTaskConfig --------------------------------------------------------------------
+
+
+def test_config_defaults() -> None:
+    config = BackgroundTaskConfig()
+    assert config.max_queue_size == 1024
+    assert config.max_concurrent_tasks == 128
+    assert config.drain_timeout == 30.0
+    assert config.job_timeout is None
+    assert config == BackgroundTaskConfig(
+        max_queue_size=1024, max_concurrent_tasks=128, drain_timeout=30.0, job_timeout=None
+    )
+
+
+def test_config_is_keyword_only() -> None:
+    positional: Any = BackgroundTaskConfig
+    with pytest.raises(TypeError):
+        positional(10)
+    with pytest.raises(TypeError):
+        positional(10, 2, 5.0, None)
+
+
+def test_config_is_frozen() -> None:
+    config = BackgroundTaskConfig(max_queue_size=3)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        setattr(config, "max_queue_size", 4)  # noqa: B010 (mypy knows the field is frozen)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        setattr(config, "job_timeout", 1.0)  # noqa: B010
+    assert config.max_queue_size == 3
+    assert config.job_timeout is None
+
+
+def test_config_equality_and_hash_are_by_value() -> None:
+    a = BackgroundTaskConfig(max_queue_size=3, max_concurrent_tasks=2, job_timeout=1.5)
+    b = BackgroundTaskConfig(max_queue_size=3, max_concurrent_tasks=2, job_timeout=1.5)
+    assert a == b
+    assert a is not b
+    assert hash(a) == hash(b)
+    assert a != BackgroundTaskConfig(max_queue_size=3, max_concurrent_tasks=2, job_timeout=2.5)
+    assert a != BackgroundTaskConfig(max_queue_size=4, max_concurrent_tasks=2, job_timeout=1.5)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_queue_size", 0),
+        ("max_concurrent_tasks", 1),
+        ("drain_timeout", 0),
+        ("drain_timeout", 0.0),
+        ("drain_timeout", 7),
+        ("drain_timeout", math.inf),
+        ("job_timeout", 1e-9),
+        ("job_timeout", 3),
+        ("job_timeout", math.inf),
+        ("job_timeout", None),
+    ],
+)
+def test_config_accepts_boundary_values(field: str, value: object) -> None:
+    kwargs: dict[str, Any] = {field: value}
+    config = BackgroundTaskConfig(**kwargs)
+    assert getattr(config, field) == value
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("max_queue_size", "10", "max_queue_size must be an int, not str"),
+        ("max_queue_size", True, "max_queue_size must be an int, not bool"),
+        ("max_queue_size", False, "max_queue_size must be an int, not bool"),
+        ("max_queue_size", 1.5, "max_queue_size must be an int, not float"),
+        ("max_queue_size", 10.0, "max_queue_size must be an int, not float"),
+        ("max_queue_size", math.nan, "max_queue_size must be an int, not float"),
+        ("max_queue_size", None, "max_queue_size must be an int, not NoneType"),
+        ("max_concurrent_tasks", "10", "max_concurrent_tasks must be an int, not str"),
+        ("max_concurrent_tasks", True, "max_concurrent_tasks must be an int, not bool"),
+        ("max_concurrent_tasks", 1.5, "max_concurrent_tasks must be an int, not float"),
+        ("max_concurrent_tasks", None, "max_concurrent_tasks must be an int, not NoneType"),
+        ("drain_timeout", "10", "drain_timeout must be a number, not str"),
+        ("drain_timeout", True, "drain_timeout must be a number, not bool"),
+        ("drain_timeout", None, "drain_timeout must be a number, not NoneType"),
+        ("drain_timeout", [1.0], "drain_timeout must be a number, not list"),
+        ("job_timeout", "1", "job_timeout must be a number or None, not str"),
+        ("job_timeout", True, "job_timeout must be a number or None, not bool"),
+        ("job_timeout", b"1", "job_timeout must be a number or None, not bytes"),
+    ],
+)
+def test_config_rejects_wrong_type(field: str, value: object, message: str) -> None:
+    kwargs: dict[str, Any] = {field: value}
+    with pytest.raises(TypeError, match=rf"^{message}$"):
+        BackgroundTaskConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("max_queue_size", -1, "max_queue_size must be >= 0, got -1"),
+        ("max_concurrent_tasks", 0, "max_concurrent_tasks must be >= 1, got 0"),
+        ("max_concurrent_tasks", -5, "max_concurrent_tasks must be >= 1, got -5"),
+        ("drain_timeout", -1, "drain_timeout must be >= 0, got -1"),
+        ("drain_timeout", -0.5, "drain_timeout must be >= 0, got -0.5"),
+        ("drain_timeout", -math.inf, "drain_timeout must be >= 0, got -inf"),
+        ("drain_timeout", math.nan, "drain_timeout must not be NaN"),
+        ("job_timeout", 0, "job_timeout must be > 0, got 0"),
+        ("job_timeout", 0.0, "job_timeout must be > 0, got 0.0"),
+        ("job_timeout", -1.5, "job_timeout must be > 0, got -1.5"),
+        ("job_timeout", math.nan, "job_timeout must not be NaN"),
+    ],
+)
+def test_config_rejects_out_of_range(field: str, value: object, message: str) -> None:
+    kwargs: dict[str, Any] = {field: value}
+    with pytest.raises(ValueError, match=rf"^{message}$"):
+        BackgroundTaskConfig(**kwargs)
+
+
+def test_config_evolve_validates_too() -> None:
+    config = BackgroundTaskConfig(max_queue_size=3)
+    bad: dict[str, Any] = {"job_timeout": "5"}
+    with pytest.raises(ValueError, match=r"^max_queue_size must be >= 0, got -1$"):
+        attrs.evolve(config, max_queue_size=-1)
+    with pytest.raises(TypeError, match=r"^job_timeout must be a number or None, not str$"):
+        attrs.evolve(config, **bad)
+    assert config == BackgroundTaskConfig(max_queue_size=3)
+
+
+# -- BackgroundJobMetadata ------------------------------------------------------------------
+
+
+def test_metadata_defaults_frozen_and_equal_by_value() -> None:
+    meta = BackgroundJobMetadata()
+    assert meta.name == "background_task"
+    assert meta.request_id is None
+    assert meta == BackgroundJobMetadata(name="background_task", request_id=None)
+    assert hash(meta) == hash(BackgroundJobMetadata())
+    assert BackgroundJobMetadata(name="a", request_id="r") != BackgroundJobMetadata(name="a")
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        setattr(meta, "name", "other")  # noqa: B010
+    assert meta.name == "background_task"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"name": 5}, r"^name must be a str"),
+        ({"name": None}, r"^name must be a str"),
+        ({"request_id": 5}, r"^request_id must be a str or None, not int$"),
+        ({"request_id": b"r"}, r"^request_id must be a str or None, not bytes$"),
+    ],
+)
+def test_metadata_rejects_wrong_type(kwargs: dict[str, Any], pattern: str) -> None:
+    with pytest.raises(TypeError, match=pattern):
+        BackgroundJobMetadata(**kwargs)
+
+
+# -- open_background_runtime ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"config": "x"}, r"^config must be a BackgroundTaskConfig or None, not str$"),
+        ({"config": {"max_queue_size": 1}}, r"^config must be a BackgroundTaskConfig or None"),
+        ({"instruments": 5}, r"^instruments must be an iterable of instruments, not int$"),
+        ({"instruments": "abc"}, r"^instruments must be an iterable of instruments"),
+    ],
+)
+async def test_open_runtime_rejects_bad_arguments(kwargs: dict[str, Any], pattern: str) -> None:
+    recorder = Recorder()
+    entered = False
+    args: dict[str, Any] = {"instruments": [recorder], **kwargs}
+    with pytest.raises(TypeError, match=pattern):
+        async with open_background_runtime(**args):
+            entered = True  # pragma: no cover
+    assert not entered
+    assert recorder.calls == []
+
+
+async def test_instrument_without_hooks_is_accepted() -> None:
+    # Objects need not subclass BackgroundInstrument: missing hooks are skipped.
+    async with open_background_runtime(CONFIG, instruments=[object()]) as runtime:
+        runtime.handle().spawn(trio.lowlevel.checkpoint)
+    assert counts(runtime.statistics()) == expected(completed=1)
+
+
+# -- spawn / send: bad arguments ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["spawn", "send"])
+async def test_submit_rejects_coroutine_object(method: str) -> None:
+    coro = sleeper(1.0)
+    try:
+        error = await assert_refused(
+            lambda handle: submit(handle, method, coro),
+            TypeError,
+            rf"^{method}\(\) expects an async function, not a coroutine object",
+        )
+    finally:
+        coro.close()  # never awaited on purpose; closing avoids the RuntimeWarning
+    assert "pass the function" in str(error)
+
+
+@pytest.mark.parametrize("method", ["spawn", "send"])
+@pytest.mark.parametrize(
+    ("fn", "type_name"),
+    [(5, "int"), ("sleeper", "str"), (None, "NoneType"), ([sleeper], "list")],
+)
+async def test_submit_rejects_non_callable(method: str, fn: object, type_name: str) -> None:
+    await assert_refused(
+        lambda handle: submit(handle, method, fn),
+        TypeError,
+        rf"^{method}\(\) expects an async function, not {type_name}$",
+    )
+
+
+@pytest.mark.parametrize("method", ["spawn", "send"])
+@pytest.mark.parametrize(
+    ("field", "value", "type_name"),
+    [
+        ("name", 5, "int"),
+        ("name", b"job", "bytes"),
+        ("request_id", 5, "int"),
+        ("request_id", ["r"], "list"),
+    ],
+)
+async def test_submit_rejects_non_str_name_or_request_id(
+    method: str, field: str, value: object, type_name: str
+) -> None:
+    kwargs: dict[str, Any] = {field: value}
+    await assert_refused(
+        lambda handle: submit(handle, method, sleeper, 1.0, **kwargs),
+        TypeError,
+        rf"^{field} must be a str or None, not {type_name}$",
+    )
+
+
+@pytest.mark.parametrize("method", ["spawn", "send"])
+@pytest.mark.parametrize(("value", "type_name"), [("1", "str"), (True, "bool"), ([1], "list")])
+async def test_submit_rejects_timeout_of_wrong_type(
+    method: str, value: object, type_name: str
+) -> None:
+    error = await assert_refused(
+        lambda handle: submit(handle, method, sleeper, 1.0, timeout=value),
+        TypeError,
+        rf"^timeout must be a number or None, not {type_name}$",
+    )
+    assert not isinstance(error, ValueError)
+
+
+@pytest.mark.parametrize("method", ["spawn", "send"])
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (0, "timeout must be > 0, got 0"),
+        (0.0, "timeout must be > 0, got 0.0"),
+        (-1, "timeout must be > 0, got -1"),
+        (-0.5, "timeout must be > 0, got -0.5"),
+        (-math.inf, "timeout must be > 0, got -inf"),
+        (math.nan, "timeout must not be NaN"),
+    ],
+)
+async def test_submit_rejects_timeout_out_of_range(method: str, value: float, message: str) -> None:
+    # The contract lists a bad timeout under TypeError; config uses ValueError for
+    # range errors. The error is both, so either `except` clause catches it.
+    error = await assert_refused(
+        lambda handle: submit(handle, method, sleeper, 1.0, timeout=value),
+        ValueError,
+        rf"^{message}$",
+    )
+    assert isinstance(error, TypeError)
+
+
+async def test_infinite_timeout_means_no_limit(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_background_runtime(CONFIG) as runtime:
+        handle = runtime.handle()
+        handle.spawn(sleeper, 1e6, timeout=math.inf)
+        await handle.send(sleeper, 2e6, timeout=math.inf)
+        await runtime.wait_idle()
+    assert counts(runtime.statistics()) == expected(completed=2)
+    assert trio.current_time() == 2e6
+
+
+# -- the thread rule ------------------------------------------------------------------------
+
+
+async def test_spawn_from_foreign_thread_is_refused() -> None:
+    def in_thread(handle: BackgroundHandle) -> None:
+        handle.spawn(sleeper, 1.0)
+
+    await assert_refused(
+        lambda handle: trio.to_thread.run_sync(in_thread, handle),
+        RuntimeError,
+        r"trio\.from_thread\.run_sync",
+    )
+
+
+async def test_spawn_from_another_trio_run_is_refused() -> None:
+    # Another Trio loop in another thread is just as foreign as a plain thread.
+    async def in_other_loop(handle: BackgroundHandle) -> None:
+        handle.spawn(sleeper, 1.0)
+
+    await assert_refused(
+        lambda handle: trio.to_thread.run_sync(trio.run, in_other_loop, handle),
+        RuntimeError,
+        r"trio\.from_thread\.run_sync",
+    )
+
+
+async def test_send_from_another_trio_run_is_refused() -> None:
+    async def in_other_loop(handle: BackgroundHandle) -> None:
+        await handle.send(sleeper, 1.0)
+
+    await assert_refused(
+        lambda handle: trio.to_thread.run_sync(trio.run, in_other_loop, handle),
+        RuntimeError,
+        r"trio\.from_thread\.run_sync",
+    )
+
+
+async def test_from_thread_run_sync_is_the_way_in() -> None:
+    # The control for the three tests above: the advised call is accepted.
+    recorder = Recorder()
+    async with open_background_runtime(CONFIG, instruments=[recorder]) as runtime:
+        handle = runtime.handle()
+
+        def in_thread() -> None:
+            trio.from_thread.run_sync(functools.partial(handle.spawn, sleeper, 0.0, name="t"))
+
+        await trio.to_thread.run_sync(in_thread)
+    assert counts(runtime.statistics()) == expected(completed=1)
+    assert recorder.calls == [("accepted", "t"), ("started", "t"), ("finished", "t")]
+
+
+# -- after shutdown began -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["spawn", "send"])
+async def test_submit_after_aclose_raises_runtime_closed(
+    method: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    recorder = Recorder()
+    async with open_background_runtime(CONFIG, instruments=[recorder]) as runtime:
+        handle = runtime.handle()
+        handle.spawn(sleeper, 1.0, name="before")
+        await runtime.aclose()
+        assert trio.current_time() == 1.0
+        after_close = runtime.statistics()
+        assert after_close.closed
+        assert counts(after_close) == expected(completed=1)
+        calls = list(recorder.calls)
+        with pytest.raises(RuntimeClosedError, match=r"^background runtime is closed$") as excinfo:
+            await submit(handle, method, sleeper, 1.0)
+        # Closed is not full: a different error, and not counted as rejected.
+        assert isinstance(excinfo.value, BackgroundSpawnError)
+        assert not isinstance(excinfo.value, QueueFullError)
+        with pytest.raises(RuntimeClosedError, match=r"^background runtime is closed$"):
+            await submit(runtime.handle(), method, sleeper, 1.0)  # a fresh handle too
+        assert runtime.statistics() == after_close
+        assert recorder.calls == calls
+    assert runtime.statistics() == after_close
+    assert trio.current_time() == 1.0
+
+
+@pytest.mark.parametrize("method", ["spawn", "send"])
+async def test_submit_after_block_exit_raises_runtime_closed(method: str) -> None:
+    recorder = Recorder()
+    async with open_background_runtime(CONFIG, instruments=[recorder]) as runtime:
+        handle = runtime.handle()
+    final = runtime.statistics()
+    assert final.closed
+    assert counts(final) == expected()
+    with pytest.raises(RuntimeClosedError, match=r"^background runtime is closed$"):
+        await submit(handle, method, sleeper, 1.0)
+    assert runtime.statistics() == final
+    assert recorder.calls == []
+
+
+async def test_waiting_send_is_refused_when_shutdown_begins(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    recorder = Recorder()
+    config = BackgroundTaskConfig(max_queue_size=0, max_concurrent_tasks=1, drain_timeout=60.0)
+    errors: list[BaseException] = []
+    async with open_background_runtime(config, instruments=[recorder]) as runtime:
+        handle = runtime.handle()
+        handle.spawn(sleeper, 10.0, name="busy")
+
+        async def waiting_sender() -> None:
+            try:
+                await handle.send(sleeper, 1.0, name="waiting")
+            except RuntimeClosedError as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiting_sender)
+            await trio.testing.wait_all_tasks_blocked()
+            before = runtime.statistics()
+            assert counts(before) == expected(running=1)
+            calls = list(recorder.calls)
+            nursery.start_soon(runtime.aclose)
+            await trio.testing.wait_all_tasks_blocked()
+            assert [str(e) for e in errors] == ["background runtime is closed"]
+            assert trio.current_time() == 0.0
+            assert runtime.statistics() == attrs.evolve(before, closed=True)
+            assert recorder.calls == calls
+    assert trio.current_time() == 10.0
+    assert counts(runtime.statistics()) == expected(completed=1)
+    assert [name for hook, name in recorder.calls if hook == "accepted"] == ["busy"]
+
+
+# -- calls that would wait for themselves ---------------------------------------------------
+
+
+async def test_wait_idle_from_a_job_raises_at_once(autojump_clock: trio.testing.MockClock) -> None:
+    errors: list[BaseException] = []
+    snapshots: list[tuple[BackgroundStatistics, BackgroundStatistics]] = []
+    async with open_background_runtime(CONFIG) as runtime:
+
+        async def waits_for_itself() -> None:
+            before = runtime.statistics()
+            try:
+                await runtime.wait_idle()
+            except RuntimeError as exc:
+                errors.append(exc)
+            snapshots.append((before, runtime.statistics()))
+            await trio.sleep(1.0)
+
+        runtime.handle().spawn(waits_for_itself)
+        await runtime.wait_idle()  # fine from the body
+        assert trio.current_time() == 1.0
+    assert len(errors) == 1
+    assert "would wait for itself" in str(errors[0])
+    [(before, after)] = snapshots
+    assert before == after
+    assert counts(runtime.statistics()) == expected(completed=1)
