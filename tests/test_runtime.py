@@ -916,3 +916,39 @@ async def test_partial_instrument_without_base_class(
             runtime.handle().spawn(job, 0.0)
     assert sorted(only.seen) == [("slowish", "completed", 0.75), (fail.__qualname__, "failed", 0.0)]
     assert counts(runtime) == {"completed": 1, "failed": 1}
+
+
+async def test_jobs_sharing_a_slot_keep_their_own_contexts(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # With one slot, queued jobs run one after another on the same task; each must
+    # still see only its own submitter's context, and tasks it starts inherit it.
+    seen: list[tuple[str, str, str]] = []
+
+    async def job(label: str) -> None:
+        before = request_var.get()
+        request_var.set(f"set-by-{label}")
+        child: list[str] = []
+
+        async def read_in_child() -> None:
+            child.append(request_var.get())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_in_child)
+        await trio.sleep(1)
+        seen.append((label, before, child[0]))
+
+    async with open_background_runtime(BackgroundTaskConfig(max_concurrent_tasks=1)) as runtime:
+        handle = runtime.handle()
+        for label in ("a", "b", "c"):
+            request_var.set(f"submitted-{label}")
+            handle.spawn(job, label)
+        request_var.set("submitter-after")
+        await runtime.wait_idle()
+        assert request_var.get() == "submitter-after"
+    assert seen == [
+        ("a", "submitted-a", "set-by-a"),
+        ("b", "submitted-b", "set-by-b"),
+        ("c", "submitted-c", "set-by-c"),
+    ]
+    assert trio.current_time() == 3

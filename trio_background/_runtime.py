@@ -10,7 +10,7 @@ import sys
 import threading
 import types
 from collections import OrderedDict
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Generator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, final
 
@@ -100,8 +100,8 @@ class _RuntimeState:
     Jobs wait in a bounded trio memory channel and run while holding a token of
     a `trio.CapacityLimiter`. Only the ``*_nowait`` operations of both are used,
     from synchronous code, so every counter moves atomically with the state it
-    describes: a job that ends hands its slot to the next queued job before
-    anything else can run.
+    describes: a job that ends hands its slot (and its task) to the next queued
+    job before anything else can run.
     """
 
     def __init__(self, config: BackgroundTaskConfig, instruments: Instruments) -> None:
@@ -247,54 +247,65 @@ class _RuntimeState:
     # -- running --------------------------------------------------------------------
 
     def _start(self, job: _Job) -> None:
-        """Give ``job`` a slot (one must be free) and start its task."""
+        """Give ``job`` a slot (one must be free) and start a worker task for it."""
         assert self.jobs_nursery is not None
         self.limiter.acquire_on_behalf_of_nowait(job)
-        if job.context is None:
-            self.jobs_nursery.start_soon(self._run, job)
-        else:
-            job.context.run(self.jobs_nursery.start_soon, self._run, job)
+        self.jobs_nursery.start_soon(self._work, job)
 
-    async def _run(self, job: _Job) -> None:
-        outcome: Outcome = "completed"
-        culprit = False
-        try:
-            coro = job.fn(*job.args)
-            if type(coro) is not _CoroutineType and not isinstance(coro, Coroutine):
-                raise TypeError(
-                    f"background job {job.metadata().name!r} did not return a coroutine "
-                    f"(got {type(coro).__name__}): jobs must be async functions"
-                )
-            if job.timeout is None:
-                await coro
-            else:
-                with trio.move_on_after(job.timeout) as scope:
-                    await coro
-                # Past its deadline, even if it shielded itself or swallowed Cancelled.
-                if scope.cancel_called:
-                    outcome = "timed_out"
-                    logger.warning(
-                        "background job %r timed out after %g seconds",
-                        job.metadata().name,
-                        job.timeout,
-                        extra=_job_extra(job),
+    async def _work(self, job: _Job | None) -> None:
+        """Run ``job``, then each job its slot is handed, until the queue is empty.
+
+        Reusing the task saves spawning one per job. A job that waited was given a
+        copy of its submitter's context; it is called and stepped inside that copy
+        (see `_in_context`), so it sees exactly what a task of its own would.
+        """
+        while job is not None:
+            outcome: Outcome = "completed"
+            culprit = False
+            context = job.context
+            try:
+                coro = job.fn(*job.args) if context is None else context.run(job.fn, *job.args)
+                if type(coro) is not _CoroutineType and not isinstance(coro, Coroutine):
+                    raise TypeError(
+                        f"background job {job.metadata().name!r} did not return a coroutine "
+                        f"(got {type(coro).__name__}): jobs must be async functions"
                     )
-        except Exception:
-            outcome = "failed"
-            logger.exception("background job %r failed", job.metadata().name, extra=_job_extra(job))
-        except BaseException as exc:
-            # Cancelled from outside the runtime, KeyboardInterrupt or SystemExit: the
-            # runtime is going down. Stop everything else now, then let it propagate.
-            if not isinstance(exc, trio.Cancelled):
+                if context is not None:
+                    coro = _in_context(context, coro)
+                if job.timeout is None:
+                    await coro
+                else:
+                    with trio.move_on_after(job.timeout) as scope:
+                        await coro
+                    # Past its deadline, even if it shielded itself or swallowed Cancelled.
+                    if scope.cancel_called:
+                        outcome = "timed_out"
+                        logger.warning(
+                            "background job %r timed out after %g seconds",
+                            job.metadata().name,
+                            job.timeout,
+                            extra=_job_extra(job),
+                        )
+            except Exception:
                 outcome = "failed"
-                culprit = True
-            self.cut_off()
-            raise
-        finally:
-            self._finish(job, outcome, culprit)
+                logger.exception(
+                    "background job %r failed", job.metadata().name, extra=_job_extra(job)
+                )
+            except BaseException as exc:
+                if not isinstance(exc, trio.Cancelled):
+                    outcome = "failed"
+                    culprit = True
+                self.cut_off()
+                raise
+            finally:
+                following = self._finish(job, outcome, culprit)
+            job = following
+            if job is not None:
+                # Let other tasks run between jobs, as a new task per job would.
+                await trio.lowlevel.cancel_shielded_checkpoint()
 
     @enable_ki_protection
-    def _finish(self, job: _Job, outcome: Outcome, culprit: bool) -> None:
+    def _finish(self, job: _Job, outcome: Outcome, culprit: bool) -> _Job | None:
         """Count how ``job`` ended and hand its slot to the next job, if any."""
         if self.cutting_off and not culprit:
             outcome = "cancelled"
@@ -326,7 +337,7 @@ class _RuntimeState:
         elif self.send_waiters:  # only with max_queue_size == 0: straight to the slot
             following = admitted = self._admit_waiter()
         if following is not None:
-            self._start(following)
+            self.limiter.acquire_on_behalf_of_nowait(following)
         elif not self.queued and not self.limiter.borrowed_tokens:
             self._on_idle()
         if self.instruments.hooks:
@@ -338,6 +349,7 @@ class _RuntimeState:
                 self.instruments.call("job_finished", job.metadata(), outcome, duration)
             if following is not None:
                 self._report_started(following)
+        return following
 
     # -- idleness and shutdown ------------------------------------------------------
 
@@ -465,6 +477,27 @@ class _RuntimeState:
             self.jobs_nursery = nursery
             task_status.started()
             await trio.sleep_forever()
+
+
+@types.coroutine
+def _in_context(
+    context: contextvars.Context, coro: Coroutine[object, object, object]
+) -> Generator[object, object, object]:
+    """Drive ``coro`` with each of its steps run inside ``context``."""
+    run = context.run
+    send = coro.send
+    value: object = None
+    error: BaseException | None = None
+    while True:
+        try:
+            yielded = run(send, value) if error is None else run(coro.throw, error)
+        except StopIteration as stop:
+            return stop.value
+        error = None
+        try:
+            value = yield yielded
+        except BaseException as exc:
+            error = exc
 
 
 def _seq(job: _Job) -> int:
