@@ -85,7 +85,8 @@ class Instruments:
 
     def call(self, hook: str, *args: object) -> None:
         """Call ``hook`` on every instrument that has it, removing any that raises."""
-        for method in tuple(self.hooks.get(hook, ())):
+        # _remove() replaces the lists instead of changing them, so this loop is safe.
+        for method in self.hooks.get(hook, ()):
             try:
                 method(*args)
             except Exception:

@@ -250,7 +250,7 @@ class _RuntimeState:
         """Give ``job`` a slot (one must be free) and start a worker task for it."""
         assert self.jobs_nursery is not None
         self.limiter.acquire_on_behalf_of_nowait(job)
-        self.jobs_nursery.start_soon(self._work, job)
+        self.jobs_nursery.start_soon(self._work, job, name="trio_background worker")
 
     async def _work(self, job: _Job | None) -> None:
         """Run ``job``, then each job its slot is handed, until the queue is empty.
