@@ -6,6 +6,10 @@ import pytest
 
 from trio_background import BackgroundTaskConfig
 
+# The shared helpers assert (counters, invariants): give them pytest's detailed failure
+# messages, as when they lived in the test modules themselves.
+pytest.register_assert_rewrite("helpers")
+
 
 @pytest.fixture
 def small_config() -> BackgroundTaskConfig:

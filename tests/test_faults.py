@@ -16,6 +16,7 @@ from typing import Any, cast
 import pytest
 import trio
 import trio.testing
+from helpers import LOGGER, Recorder, all_counts, expected, records, sleeper
 
 from trio_background import (
     BackgroundHandle,
@@ -29,59 +30,6 @@ from trio_background import (
     RuntimeClosedError,
     open_background_runtime,
 )
-
-LOGGER = "trio_background"
-
-
-class Recorder:
-    """An instrument recording ``(hook, job name, outcome, duration)`` for every call."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, str, str | None, float | None]] = []
-
-    def job_accepted(self, job: BackgroundJobMetadata) -> None:
-        self.calls.append(("accepted", job.name, None, None))
-
-    def job_rejected(self, job: BackgroundJobMetadata) -> None:
-        self.calls.append(("rejected", job.name, None, None))
-
-    def job_started(self, job: BackgroundJobMetadata) -> None:
-        self.calls.append(("started", job.name, None, None))
-
-    def job_finished(self, job: BackgroundJobMetadata, outcome: str, duration: float) -> None:
-        self.calls.append(("finished", job.name, outcome, duration))
-
-    def job_dropped(self, job: BackgroundJobMetadata) -> None:
-        self.calls.append(("dropped", job.name, None, None))
-
-    def of(self, hook: str) -> list[tuple[str, str, str | None, float | None]]:
-        return [call for call in self.calls if call[0] == hook]
-
-
-def counts(stats: BackgroundStatistics) -> dict[str, int]:
-    return {
-        "queued": stats.queued,
-        "running": stats.running,
-        "completed": stats.completed,
-        "failed": stats.failed,
-        "timed_out": stats.timed_out,
-        "cancelled": stats.cancelled,
-        "dropped": stats.dropped,
-        "rejected": stats.rejected,
-    }
-
-
-def expected(**nonzero: int) -> dict[str, int]:
-    result = dict.fromkeys(
-        ("queued", "running", "completed", "failed", "timed_out", "cancelled", "dropped"), 0
-    )
-    result["rejected"] = 0
-    result.update(nonzero)
-    return result
-
-
-def records(caplog: pytest.LogCaptureFixture, level: int) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == LOGGER and r.levelno == level]
 
 
 def job_names(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
@@ -97,10 +45,6 @@ def exc_of(record: logging.LogRecord) -> BaseException:
 
 def meta(name: str, request_id: str | None = None) -> BackgroundJobMetadata:
     return BackgroundJobMetadata(name=name, request_id=request_id)
-
-
-async def sleeper(seconds: float) -> None:
-    await trio.sleep(seconds)
 
 
 @pytest.fixture(autouse=True)
@@ -127,7 +71,7 @@ async def test_job_raises_exception(
         handle.spawn(sleeper, 2.0, name="bystander")
         await runtime.wait_idle()
         assert trio.current_time() == 2.0
-    assert counts(runtime.statistics()) == expected(completed=1, failed=1)
+    assert all_counts(runtime.statistics()) == expected(completed=1, failed=1)
     [error] = records(caplog, logging.ERROR)
     assert exc_of(error) is boom
     assert error.__dict__["job_name"] == "fails"
@@ -152,7 +96,7 @@ async def test_job_raises_background_job_error(
         handle = runtime.handle()
         handle.spawn(fails, request_id="r-2")
         handle.spawn(sleeper, 1.0)
-    assert counts(runtime.statistics()) == expected(completed=1, failed=1)
+    assert all_counts(runtime.statistics()) == expected(completed=1, failed=1)
     [error] = records(caplog, logging.ERROR)
     assert exc_of(error) is failure
     # The default name is the function's __qualname__.
@@ -178,7 +122,7 @@ async def test_job_raises_exception_group(
         handle.spawn(fails_twice, name="group")
         handle.spawn(sleeper, 3.0, name="bystander")
     assert trio.current_time() == 3.0
-    assert counts(runtime.statistics()) == expected(completed=1, failed=1)
+    assert all_counts(runtime.statistics()) == expected(completed=1, failed=1)
     [error] = records(caplog, logging.ERROR)
     group = exc_of(error)
     assert isinstance(group, Exception)
@@ -229,7 +173,7 @@ async def test_job_raises_keyboard_interrupt_or_system_exit(
     [runtime] = opened
     final = runtime.statistics()
     assert final.closed
-    assert counts(final) == expected(failed=1, cancelled=1, dropped=2)
+    assert all_counts(final) == expected(failed=1, cancelled=1, dropped=2)
     assert final.accepted == 4
     assert sorted(recorder.of("finished")) == [
         ("finished", "a", "cancelled", 1.0),
@@ -277,9 +221,9 @@ async def test_job_shielded_past_drain_deadline(
     assert trio.current_time() == 20.0
     # At t=10 the shielded job was still running, the others were already settled.
     [mid] = midway
-    assert counts(mid) == expected(running=1, completed=1, cancelled=1, dropped=1)
+    assert all_counts(mid) == expected(running=1, completed=1, cancelled=1, dropped=1)
     final = runtime.statistics()
-    assert counts(final) == expected(completed=1, cancelled=2, dropped=1)
+    assert all_counts(final) == expected(completed=1, cancelled=2, dropped=1)
     error = excinfo.value
     assert error.cancelled == (meta("stubborn", "r-s"), meta("late"))
     assert error.dropped == (meta("never"),)
@@ -316,7 +260,7 @@ async def test_job_raises_from_finally_while_cancelled(
     assert trio.current_time() == 2.0
     final = runtime.statistics()
     # Running at the cut-off, so `cancelled` -- whatever it raised afterwards.
-    assert counts(final) == expected(cancelled=1)
+    assert all_counts(final) == expected(cancelled=1)
     assert excinfo.value.cancelled == (meta("messy", "r-m"),)
     assert excinfo.value.dropped == ()
     assert excinfo.value.statistics == final
@@ -355,7 +299,7 @@ async def test_job_blocks_the_thread_virtual_clock(
     assert trio.current_time() == 1.0
     assert len(real) == 2
     assert min(real) >= 0.05
-    assert counts(runtime.statistics()) == expected(completed=3)
+    assert all_counts(runtime.statistics()) == expected(completed=3)
     assert sorted(recorder.of("finished")) == [
         ("finished", "bystander", "completed", 1.0),
         ("finished", "hog", "completed", 0.0),
@@ -376,7 +320,7 @@ async def test_job_blocks_the_thread_real_clock(caplog: pytest.LogCaptureFixture
         runtime.handle().spawn(hog, name="hog", timeout=0.01)
     elapsed = time.perf_counter() - start
     assert 0.05 <= elapsed < 10
-    assert counts(runtime.statistics()) == expected(timed_out=1)
+    assert all_counts(runtime.statistics()) == expected(timed_out=1)
     assert job_names(caplog, logging.WARNING) == ["hog"]
 
 
@@ -394,7 +338,7 @@ async def test_job_times_out(
         handle.spawn(trio.sleep_forever, name="own_limit", timeout=1.5)
         handle.spawn(sleeper, 2.0, name="in_time")
     assert trio.current_time() == 3.0
-    assert counts(runtime.statistics()) == expected(completed=1, timed_out=2)
+    assert all_counts(runtime.statistics()) == expected(completed=1, timed_out=2)
     assert sorted(recorder.of("finished")) == [
         ("finished", "default_limit", "timed_out", 3.0),
         ("finished", "in_time", "completed", 2.0),
@@ -424,7 +368,7 @@ async def test_job_shields_itself_past_its_own_timeout(
     async with open_background_runtime(instruments=[recorder]) as runtime:
         runtime.handle().spawn(shields, name="shields", timeout=1.0)
     assert trio.current_time() == 5.0
-    assert counts(runtime.statistics()) == expected(timed_out=1)
+    assert all_counts(runtime.statistics()) == expected(timed_out=1)
     assert recorder.of("finished") == [("finished", "shields", "timed_out", 5.0)]
     assert job_names(caplog, logging.WARNING) == ["shields"]
 
@@ -445,7 +389,7 @@ async def test_job_swallows_cancelled_at_its_timeout(
     async with open_background_runtime(instruments=[recorder]) as runtime:
         runtime.handle().spawn(swallows, name="swallows", timeout=2.0)
     assert trio.current_time() == 2.0
-    assert counts(runtime.statistics()) == expected(timed_out=1)
+    assert all_counts(runtime.statistics()) == expected(timed_out=1)
     assert recorder.of("finished") == [("finished", "swallows", "timed_out", 2.0)]
     assert job_names(caplog, logging.WARNING) == ["swallows"]
 
@@ -464,7 +408,7 @@ async def test_job_is_not_an_async_function(
     async with open_background_runtime() as runtime:
         runtime.handle().spawn(cast(Any, not_async), 7, name="sync")
     assert calls == [7]  # called when the job started, not at submit
-    assert counts(runtime.statistics()) == expected(failed=1)
+    assert all_counts(runtime.statistics()) == expected(failed=1)
     [error] = records(caplog, logging.ERROR)
     assert isinstance(exc_of(error), TypeError)
     assert error.__dict__["job_name"] == "sync"
@@ -492,7 +436,7 @@ async def test_jobs_spawn_jobs_before_drain(autojump_clock: trio.testing.MockClo
         await runtime.wait_idle()
     # 1 + 2 + 4 + 8 jobs, one at a time, one second each.
     assert trio.current_time() == 15.0
-    assert counts(runtime.statistics()) == expected(completed=15)
+    assert all_counts(runtime.statistics()) == expected(completed=15)
     assert len(recorder.of("accepted")) == 15
     # With one slot, jobs start in acceptance order.
     accepted = [name for _, name, _, _ in recorder.of("accepted")]
@@ -530,7 +474,7 @@ async def test_jobs_spawn_jobs_during_drain(
     assert trio.current_time() == 1.0
     assert [str(e) for e in refusals] == ["background runtime is closed"] * 2
     final = runtime.statistics()
-    assert counts(final) == expected(completed=1, failed=1)
+    assert all_counts(final) == expected(completed=1, failed=1)
     assert final.accepted == 2
     [error] = records(caplog, logging.ERROR)
     assert isinstance(exc_of(error), RuntimeClosedError)
@@ -573,7 +517,7 @@ async def test_aclose_from_a_job(
     assert "would wait for itself" in message
     assert at == 1.0
     assert not closed
-    assert counts(runtime.statistics()) == expected(completed=3, failed=1)
+    assert all_counts(runtime.statistics()) == expected(completed=3, failed=1)
     [error] = records(caplog, logging.ERROR)
     assert isinstance(exc_of(error), RuntimeError)
     assert "would wait for itself" in str(exc_of(error))
@@ -648,7 +592,7 @@ async def test_instrument_raises(
     assert trio.current_time() == 3.0
     # The runtime and the jobs were not disturbed.
     final = runtime.statistics()
-    assert counts(final) == expected(completed=1, cancelled=1, dropped=1, rejected=1)
+    assert all_counts(final) == expected(completed=1, cancelled=1, dropped=1, rejected=1)
     assert excinfo.value.cancelled == (meta("B"),)
     assert excinfo.value.dropped == (meta("D"),)
     # The well-behaved instrument saw every hook.
@@ -739,7 +683,7 @@ async def test_threads_submit_while_draining(caplog: pytest.LogCaptureFixture) -
     assert during.running == min(accepted, 8)
     assert during.queued == accepted - during.running
     final = runtime.statistics()
-    assert counts(final) == expected(completed=accepted, rejected=full)
+    assert all_counts(final) == expected(completed=accepted, rejected=full)
     assert final.accepted == accepted
     assert records(caplog, logging.WARNING) == []
     assert records(caplog, logging.ERROR) == []
@@ -764,7 +708,7 @@ async def test_outer_scope_cancelled_mid_drain(
     assert outer.cancelled_caught
     assert trio.current_time() == 3.0
     final = runtime.statistics()
-    assert counts(final) == expected(completed=1, cancelled=1, dropped=1)
+    assert all_counts(final) == expected(completed=1, cancelled=1, dropped=1)
     assert recorder.of("finished") == [
         ("finished", "first", "completed", 2.0),
         ("finished", "second", "cancelled", 1.0),
@@ -792,7 +736,7 @@ async def test_outer_scope_cancelled_mid_drain_with_shielded_job(
             handle.spawn(trio.sleep_forever, name="queued")
     assert outer.cancelled_caught
     assert trio.current_time() == 8.0
-    assert counts(runtime.statistics()) == expected(cancelled=2, dropped=1)
+    assert all_counts(runtime.statistics()) == expected(cancelled=2, dropped=1)
     assert job_names(caplog, logging.WARNING) == ["forever", "queued", "stubborn"]
 
 
@@ -809,7 +753,7 @@ async def test_task_awaiting_aclose_cancelled(
         assert scope.cancelled_caught
         assert trio.current_time() == 1.0
         cut = runtime.statistics()
-        assert counts(cut) == expected(cancelled=1, dropped=1)
+        assert all_counts(cut) == expected(cancelled=1, dropped=1)
     # Leaving the block calls aclose() again: it returns None.
     assert trio.current_time() == 1.0
     assert runtime.statistics() == cut
@@ -841,6 +785,6 @@ async def test_body_raises(
     # Unchanged, unwrapped, and no drain: cut off at once.
     assert excinfo.value is problem
     assert trio.current_time() == 0.5
-    assert counts(runtime.statistics()) == expected(cancelled=1, dropped=1)
+    assert all_counts(runtime.statistics()) == expected(cancelled=1, dropped=1)
     assert job_names(caplog, logging.WARNING) == ["queued", "running"]
     assert records(caplog, logging.ERROR) == []

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from helpers import check_invariants
 
 from trio_background import (
     BackgroundJobError,
@@ -34,11 +35,7 @@ def check_identity(runtime: BackgroundRuntime, accepted_calls: int) -> None:
     """Assert the accounting identity against a count of successful calls kept by the test."""
     s = runtime.statistics()
     assert s.accepted == accepted_calls
-    assert accepted_calls == (
-        s.queued + s.running + s.completed + s.failed + s.timed_out + s.cancelled + s.dropped
-    )
-    assert 0 <= s.queued <= s.max_queue_size
-    assert 0 <= s.running <= s.max_concurrent_tasks
+    check_invariants(s)  # accepted == queued + running + ... + dropped, and the bounds
 
 
 async def test_flaw1_queue_bound_holds_after_jobs_started(

@@ -16,6 +16,7 @@ from typing import Any, cast
 import pytest
 import trio
 import trio.testing
+from helpers import counts, records
 
 from trio_background import (
     BackgroundInstrument,
@@ -30,33 +31,6 @@ from trio_background import (
 )
 
 request_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_var", default="unset")
-
-COUNT_FIELDS = (
-    "queued",
-    "running",
-    "completed",
-    "failed",
-    "timed_out",
-    "cancelled",
-    "dropped",
-    "rejected",
-)
-
-
-def counts(runtime: BackgroundRuntime) -> dict[str, int]:
-    """Non-zero counters of a fresh snapshot, after checking the contract's invariants."""
-    s = runtime.statistics()
-    assert s.accepted == (
-        s.queued + s.running + s.completed + s.failed + s.timed_out + s.cancelled + s.dropped
-    )
-    assert 0 <= s.queued <= s.max_queue_size
-    assert 0 <= s.running <= s.max_concurrent_tasks
-    return {name: getattr(s, name) for name in COUNT_FIELDS if getattr(s, name)}
-
-
-def tb_records(caplog: pytest.LogCaptureFixture, level: int) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "trio_background" and r.levelno == level]
-
 
 # -- contextvars ------------------------------------------------------------------------
 
@@ -271,7 +245,7 @@ async def test_job_exception_logged_and_counted(
         assert counts(runtime) == {"completed": 2, "failed": 1}
         assert sorted(finished) == ["after", "before"]
         await runtime.aclose()
-    [record] = tb_records(caplog, logging.ERROR)
+    [record] = records(caplog, logging.ERROR)
     assert record.__dict__["job_name"] == "bad-job"
     assert record.__dict__["request_id"] == "rid-7"
     assert record.exc_info is not None
@@ -291,7 +265,7 @@ async def test_background_job_error_counts_failed(
         runtime.handle().spawn(job)
         await runtime.wait_idle()
         assert counts(runtime) == {"failed": 1}
-    [record] = tb_records(caplog, logging.ERROR)
+    [record] = records(caplog, logging.ERROR)
     assert record.__dict__["job_name"] == job.__qualname__
     assert record.__dict__["request_id"] is None
     assert record.exc_info is not None
@@ -316,7 +290,7 @@ async def test_sync_callable_counts_failed(
         assert calls == [5]
         assert counts(runtime) == {"failed": 1}
         await runtime.aclose()
-    [record] = tb_records(caplog, logging.ERROR)
+    [record] = records(caplog, logging.ERROR)
     assert record.__dict__["job_name"] == "sync-fn"
     assert record.exc_info is not None
     assert record.exc_info[0] is TypeError
@@ -350,10 +324,10 @@ async def test_per_job_timeout(
         assert cancelled_at == [2.5]
         assert counts(runtime) == {"timed_out": 1, "completed": 1}
         await runtime.aclose()
-    [record] = tb_records(caplog, logging.WARNING)
+    [record] = records(caplog, logging.WARNING)
     assert record.__dict__["job_name"] == "slow"
     assert record.__dict__["request_id"] == "r-slow"
-    assert tb_records(caplog, logging.ERROR) == []
+    assert records(caplog, logging.ERROR) == []
 
 
 async def test_config_job_timeout(
@@ -388,7 +362,7 @@ async def test_config_job_timeout(
         "unlimited": ("done", 10.0),
         "fast": ("done", 1.0),
     }
-    warned = sorted(r.__dict__["job_name"] for r in tb_records(caplog, logging.WARNING))
+    warned = sorted(r.__dict__["job_name"] for r in records(caplog, logging.WARNING))
     assert warned == ["default", "shorter"]
 
 
@@ -424,7 +398,7 @@ async def test_cancelled_aclose_cuts_off_at_once(
         assert cancelled_at == [1.0]
     # Leaving the block calls aclose() again: nothing left to report.
     assert trio.current_time() - t0 == 1.0
-    warned = sorted(r.__dict__["job_name"] for r in tb_records(caplog, logging.WARNING))
+    warned = sorted(r.__dict__["job_name"] for r in records(caplog, logging.WARNING))
     assert warned == ["queued-1", "queued-2", "running"]
 
 
@@ -517,7 +491,7 @@ async def test_body_exception_propagates_unchanged(
     [runtime] = runtimes
     assert counts(runtime) == {"cancelled": 1, "dropped": 1}
     assert runtime.statistics().closed
-    assert len(tb_records(caplog, logging.WARNING)) == 2
+    assert len(records(caplog, logging.WARNING)) == 2
 
 
 async def test_body_cancelled_from_outside(
@@ -884,7 +858,7 @@ async def test_raising_instrument_is_logged_once_and_removed(
     finished = [e for e in healthy.events if e[0] == "finished"]
     assert len(finished) == 2
     assert [e[0] for e in healthy.events].count("accepted") == 2
-    errors = tb_records(caplog, logging.ERROR)
+    errors = records(caplog, logging.ERROR)
     assert len(errors) == 1
     assert errors[0].exc_info is not None
     assert isinstance(errors[0].exc_info[1], RuntimeError)

@@ -16,13 +16,13 @@ import attrs
 import pytest
 import trio
 import trio.testing
+from helpers import counts, records
 
 from trio_background import (
     BackgroundHandle,
     BackgroundInstrument,
     BackgroundJobError,
     BackgroundJobMetadata,
-    BackgroundRuntime,
     BackgroundShutdownError,
     BackgroundSpawnError,
     BackgroundTaskConfig,
@@ -30,28 +30,6 @@ from trio_background import (
     RuntimeClosedError,
     open_background_runtime,
 )
-
-COUNT_FIELDS = (
-    "queued",
-    "running",
-    "completed",
-    "failed",
-    "timed_out",
-    "cancelled",
-    "dropped",
-    "rejected",
-)
-
-
-def counts(runtime: BackgroundRuntime) -> dict[str, int]:
-    """Non-zero counters of a fresh snapshot, after checking the contract's invariants."""
-    s = runtime.statistics()
-    assert s.accepted == (
-        s.queued + s.running + s.completed + s.failed + s.timed_out + s.cancelled + s.dropped
-    )
-    assert 0 <= s.queued <= s.max_queue_size
-    assert 0 <= s.running <= s.max_concurrent_tasks
-    return {name: getattr(s, name) for name in COUNT_FIELDS if getattr(s, name)}
 
 
 class Gate:
@@ -207,9 +185,7 @@ async def test_task_failure_handling(
         assert counts(runtime) == {"failed": 1}
         # A failed job does not make the shutdown fail.
         await runtime.aclose()
-    errors = [
-        r for r in caplog.records if r.name == "trio_background" and r.levelno == logging.ERROR
-    ]
+    errors = records(caplog, logging.ERROR)
     assert len(errors) == 1
     assert errors[0].__dict__["job_name"] == "failing"
     assert errors[0].exc_info is not None

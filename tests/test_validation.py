@@ -16,6 +16,7 @@ import attrs
 import pytest
 import trio
 import trio.testing
+from helpers import Recorder, all_counts, expected, sleeper
 
 from trio_background import (
     BackgroundHandle,
@@ -31,54 +32,6 @@ from trio_background import (
 # Two slots and room for four queued jobs: the refusal scenario keeps two jobs
 # running and one queued, so an accidental acceptance would show in any counter.
 CONFIG = BackgroundTaskConfig(max_queue_size=4, max_concurrent_tasks=2, drain_timeout=5.0)
-
-
-class Recorder:
-    """An instrument that records every hook call as ``(hook, job name)``."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, str]] = []
-
-    def job_accepted(self, job: BackgroundJobMetadata) -> None:
-        self.calls.append(("accepted", job.name))
-
-    def job_rejected(self, job: BackgroundJobMetadata) -> None:
-        self.calls.append(("rejected", job.name))
-
-    def job_started(self, job: BackgroundJobMetadata) -> None:
-        self.calls.append(("started", job.name))
-
-    def job_finished(self, job: BackgroundJobMetadata, outcome: str, duration: float) -> None:
-        self.calls.append(("finished", job.name))
-
-    def job_dropped(self, job: BackgroundJobMetadata) -> None:
-        self.calls.append(("dropped", job.name))
-
-
-def counts(stats: BackgroundStatistics) -> dict[str, int]:
-    return {
-        "queued": stats.queued,
-        "running": stats.running,
-        "completed": stats.completed,
-        "failed": stats.failed,
-        "timed_out": stats.timed_out,
-        "cancelled": stats.cancelled,
-        "dropped": stats.dropped,
-        "rejected": stats.rejected,
-    }
-
-
-def expected(**nonzero: int) -> dict[str, int]:
-    result = dict.fromkeys(
-        ("queued", "running", "completed", "failed", "timed_out", "cancelled", "dropped"), 0
-    )
-    result["rejected"] = 0
-    result.update(nonzero)
-    return result
-
-
-async def sleeper(seconds: float) -> None:
-    await trio.sleep(seconds)
 
 
 async def submit(handle: BackgroundHandle, method: str, fn: Any, *args: Any, **kwargs: Any) -> None:
@@ -109,7 +62,7 @@ async def assert_refused(
             handle.spawn(release.wait, name="legit")
         await trio.testing.wait_all_tasks_blocked()
         before = runtime.statistics()
-        assert counts(before) == expected(running=2, queued=1)
+        assert all_counts(before) == expected(running=2, queued=1)
         calls_before = list(recorder.calls)
         with pytest.raises(error, match=pattern) as excinfo:
             await attempt(handle)
@@ -117,9 +70,10 @@ async def assert_refused(
         assert recorder.calls == calls_before
         release.set()
     final = runtime.statistics()
-    assert counts(final) == expected(completed=3)
+    assert all_counts(final) == expected(completed=3)
     assert final.accepted == 3
-    assert [call for call in recorder.calls if call[0] == "accepted"] == [("accepted", "legit")] * 3
+    accepted = [call for call in recorder.pairs() if call[0] == "accepted"]
+    assert accepted == [("accepted", "legit")] * 3
     return excinfo.value
 
 
@@ -303,7 +257,7 @@ async def test_instrument_without_hooks_is_accepted() -> None:
     # Objects need not subclass BackgroundInstrument: missing hooks are skipped.
     async with open_background_runtime(CONFIG, instruments=[object()]) as runtime:
         runtime.handle().spawn(trio.lowlevel.checkpoint)
-    assert counts(runtime.statistics()) == expected(completed=1)
+    assert all_counts(runtime.statistics()) == expected(completed=1)
 
 
 # -- spawn / send: bad arguments ------------------------------------------------------------
@@ -399,7 +353,7 @@ async def test_infinite_timeout_means_no_limit(autojump_clock: trio.testing.Mock
         handle.spawn(sleeper, 1e6, timeout=math.inf)
         await handle.send(sleeper, 2e6, timeout=math.inf)
         await runtime.wait_idle()
-    assert counts(runtime.statistics()) == expected(completed=2)
+    assert all_counts(runtime.statistics()) == expected(completed=2)
     assert trio.current_time() == 2e6
 
 
@@ -450,8 +404,8 @@ async def test_from_thread_run_sync_is_the_way_in() -> None:
             trio.from_thread.run_sync(functools.partial(handle.spawn, sleeper, 0.0, name="t"))
 
         await trio.to_thread.run_sync(in_thread)
-    assert counts(runtime.statistics()) == expected(completed=1)
-    assert recorder.calls == [("accepted", "t"), ("started", "t"), ("finished", "t")]
+    assert all_counts(runtime.statistics()) == expected(completed=1)
+    assert recorder.pairs() == [("accepted", "t"), ("started", "t"), ("finished", "t")]
 
 
 # -- after shutdown began -------------------------------------------------------------------
@@ -469,7 +423,7 @@ async def test_submit_after_aclose_raises_runtime_closed(
         assert trio.current_time() == 1.0
         after_close = runtime.statistics()
         assert after_close.closed
-        assert counts(after_close) == expected(completed=1)
+        assert all_counts(after_close) == expected(completed=1)
         calls = list(recorder.calls)
         with pytest.raises(RuntimeClosedError, match=r"^background runtime is closed$") as excinfo:
             await submit(handle, method, sleeper, 1.0)
@@ -491,7 +445,7 @@ async def test_submit_after_block_exit_raises_runtime_closed(method: str) -> Non
         handle = runtime.handle()
     final = runtime.statistics()
     assert final.closed
-    assert counts(final) == expected()
+    assert all_counts(final) == expected()
     with pytest.raises(RuntimeClosedError, match=r"^background runtime is closed$"):
         await submit(handle, method, sleeper, 1.0)
     assert runtime.statistics() == final
@@ -518,7 +472,7 @@ async def test_waiting_send_is_refused_when_shutdown_begins(
             nursery.start_soon(waiting_sender)
             await trio.testing.wait_all_tasks_blocked()
             before = runtime.statistics()
-            assert counts(before) == expected(running=1)
+            assert all_counts(before) == expected(running=1)
             calls = list(recorder.calls)
             nursery.start_soon(runtime.aclose)
             await trio.testing.wait_all_tasks_blocked()
@@ -527,8 +481,8 @@ async def test_waiting_send_is_refused_when_shutdown_begins(
             assert runtime.statistics() == attrs.evolve(before, closed=True)
             assert recorder.calls == calls
     assert trio.current_time() == 10.0
-    assert counts(runtime.statistics()) == expected(completed=1)
-    assert [name for hook, name in recorder.calls if hook == "accepted"] == ["busy"]
+    assert all_counts(runtime.statistics()) == expected(completed=1)
+    assert [name for hook, name in recorder.pairs() if hook == "accepted"] == ["busy"]
 
 
 # -- calls that would wait for themselves ---------------------------------------------------
@@ -555,4 +509,4 @@ async def test_wait_idle_from_a_job_raises_at_once(autojump_clock: trio.testing.
     assert "would wait for itself" in str(errors[0])
     [(before, after)] = snapshots
     assert before == after
-    assert counts(runtime.statistics()) == expected(completed=1)
+    assert all_counts(runtime.statistics()) == expected(completed=1)

@@ -1,0 +1,124 @@
+"""Helpers shared by several test modules (imported as ``from helpers import ...``).
+
+``tests/`` has no ``__init__.py``, so pytest's default ``prepend`` import mode puts
+``tests/`` itself first on ``sys.path`` and mypy takes it as the base directory of the
+test modules: both resolve this module as plain ``helpers``.
+Only code used by more than one test module lives here; a helper that one module needs
+stays in that module.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TypeAlias
+
+import pytest
+import trio
+
+from trio_background import BackgroundJobMetadata, BackgroundRuntime, BackgroundStatistics
+
+#: The name of the runtime's logger.
+LOGGER = "trio_background"
+
+#: The per-job counters of `BackgroundStatistics`, in the contract's order.
+COUNT_FIELDS = (
+    "queued",
+    "running",
+    "completed",
+    "failed",
+    "timed_out",
+    "cancelled",
+    "dropped",
+    "rejected",
+)
+
+
+# -- counters -------------------------------------------------------------------------------
+
+
+def check_invariants(stats: BackgroundStatistics) -> None:
+    """Assert the contract's accounting identity and bounds on one snapshot.
+
+    ``accepted`` is the sum of every state an accepted job can be in, and the queue and
+    the slots never hold more than their configured capacity.
+    """
+    s = stats
+    assert s.accepted == (
+        s.queued + s.running + s.completed + s.failed + s.timed_out + s.cancelled + s.dropped
+    )
+    assert 0 <= s.queued <= s.max_queue_size
+    assert 0 <= s.running <= s.max_concurrent_tasks
+
+
+def all_counts(stats: BackgroundStatistics) -> dict[str, int]:
+    """Every counter of ``stats`` by name, zeros included (compare with `expected`)."""
+    return {name: getattr(stats, name) for name in COUNT_FIELDS}
+
+
+def expected(**nonzero: int) -> dict[str, int]:
+    """What `all_counts` returns when the named counters are as given and the rest are 0."""
+    result = dict.fromkeys(COUNT_FIELDS, 0)
+    result.update(nonzero)
+    return result
+
+
+def counts(runtime: BackgroundRuntime) -> dict[str, int]:
+    """Non-zero counters of a fresh snapshot, after checking the contract's invariants."""
+    s = runtime.statistics()
+    check_invariants(s)
+    return {name: value for name, value in all_counts(s).items() if value}
+
+
+# -- logs -----------------------------------------------------------------------------------
+
+
+def records(caplog: pytest.LogCaptureFixture, level: int) -> list[logging.LogRecord]:
+    """The records the runtime's logger emitted at exactly ``level``, in order."""
+    return [r for r in caplog.records if r.name == LOGGER and r.levelno == level]
+
+
+# -- jobs and instruments -------------------------------------------------------------------
+
+
+async def sleeper(seconds: float) -> None:
+    """A job that sleeps ``seconds`` and returns (its default job name is ``"sleeper"``)."""
+    await trio.sleep(seconds)
+
+
+#: One instrument hook call: ``(hook, job name, outcome, duration)``; the last two are
+#: ``None`` except for ``"finished"``.
+Call: TypeAlias = tuple[str, str, str | None, float | None]
+
+
+class Recorder:
+    """An instrument recording ``(hook, job name, outcome, duration)`` for every call.
+
+    It implements all five hooks and, like a third-party instrument, does not inherit from
+    `BackgroundInstrument`. Hook names are recorded without their ``job_`` prefix.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+
+    def job_accepted(self, job: BackgroundJobMetadata) -> None:
+        self.calls.append(("accepted", job.name, None, None))
+
+    def job_rejected(self, job: BackgroundJobMetadata) -> None:
+        self.calls.append(("rejected", job.name, None, None))
+
+    def job_started(self, job: BackgroundJobMetadata) -> None:
+        self.calls.append(("started", job.name, None, None))
+
+    def job_finished(self, job: BackgroundJobMetadata, outcome: str, duration: float) -> None:
+        self.calls.append(("finished", job.name, outcome, duration))
+
+    def job_dropped(self, job: BackgroundJobMetadata) -> None:
+        self.calls.append(("dropped", job.name, None, None))
+
+    def of(self, hook: str) -> list[Call]:
+        """The calls of one hook (``"finished"``, not ``"job_finished"``), in order."""
+        return [call for call in self.calls if call[0] == hook]
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """Every call as ``(hook, job name)``, in order: outcome and duration left out."""
+        return [(hook, name) for hook, name, _, _ in self.calls]
