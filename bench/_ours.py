@@ -1,0 +1,252 @@
+"""trio_background under the same scenarios as the peers (see ``_peers``)."""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+import tracemalloc
+from types import ModuleType
+from typing import Any
+
+import trio
+import trio.testing
+
+from ._peers import noop
+from ._util import Timing, clock, since
+
+perf_counter = time.perf_counter
+
+
+def _config(tb: ModuleType, *, queue: int, cap: int) -> Any:
+    return tb.BackgroundTaskConfig(
+        max_queue_size=queue, max_concurrent_tasks=cap, drain_timeout=math.inf
+    )
+
+
+def _check(runtime: Any, completed: int) -> None:
+    stats = runtime.statistics()
+    if stats.completed != completed or stats.failed or stats.cancelled or stats.dropped:
+        raise AssertionError(f"benchmark run went wrong: {stats!r}")
+
+
+def burst(
+    tb: ModuleType, n: int, cap: int, instruments: tuple[object, ...] | None = None
+) -> Timing:
+    """``n`` x ``handle.spawn(noop)`` into a queue of ``n``, then leave the block (drain).
+
+    ``instruments=None`` calls ``open_background_runtime(config)`` without the argument.
+    """
+
+    async def main() -> Timing:
+        t0 = clock()
+        config = _config(tb, queue=n, cap=cap)
+        if instruments is None:
+            cm = tb.open_background_runtime(config)
+        else:
+            cm = tb.open_background_runtime(config, instruments=instruments)
+        async with cm as runtime:
+            handle = runtime.handle()
+            for _ in range(n):
+                handle.spawn(noop)
+        elapsed = since(t0)
+        _check(runtime, n)
+        return elapsed
+
+    return trio.run(main)
+
+
+def steady(tb: ModuleType, n: int, cap: int, queue: int, producers: int) -> Timing:
+    """``producers`` tasks each ``await handle.send(noop)`` into a ``queue``-deep queue."""
+
+    async def produce(handle: Any, k: int) -> None:
+        for _ in range(k):
+            await handle.send(noop)
+
+    async def main() -> Timing:
+        t0 = clock()
+        async with tb.open_background_runtime(_config(tb, queue=queue, cap=cap)) as runtime:
+            handle = runtime.handle()
+            async with trio.open_nursery() as submitters:
+                for _ in range(producers):
+                    submitters.start_soon(produce, handle, n // producers)
+        elapsed = since(t0)
+        _check(runtime, n // producers * producers)
+        return elapsed
+
+    return trio.run(main)
+
+
+def latency(tb: ModuleType, samples: int, cap: int, load: int) -> list[float]:
+    """Spawn -> first line of the job, with ``load`` of ``cap`` slots busy (see ``_peers``)."""
+
+    async def main() -> list[float]:
+        out: list[float] = []
+        stop = False
+
+        async def busy() -> None:
+            while not stop:
+                await trio.lowlevel.checkpoint()
+
+        async def probe(t0: float, event: trio.Event) -> None:
+            out.append(perf_counter() - t0)
+            event.set()
+
+        async with tb.open_background_runtime(_config(tb, queue=1024, cap=cap)) as runtime:
+            handle = runtime.handle()
+            for _ in range(load):
+                handle.spawn(busy)
+            for _ in range(samples):
+                event = trio.Event()
+                t0 = perf_counter()
+                handle.spawn(probe, t0, event)
+                await event.wait()
+            stop = True
+        return out
+
+    return trio.run(main)
+
+
+def idle_aclose(tb: ModuleType, samples: int) -> list[float]:
+    """Seconds of ``await runtime.aclose()`` on a runtime that never had a job."""
+
+    async def main() -> list[float]:
+        out: list[float] = []
+        for _ in range(samples):
+            async with tb.open_background_runtime() as runtime:
+                t0 = perf_counter()
+                await runtime.aclose()
+                out.append(perf_counter() - t0)
+        return out
+
+    return trio.run(main)
+
+
+def nursery_exit(samples: int) -> list[float]:
+    """Reference for ``idle_aclose``: leaving an empty ``trio.open_nursery()`` block."""
+
+    async def main() -> list[float]:
+        out: list[float] = []
+        for _ in range(samples):
+            cm = trio.open_nursery()
+            await cm.__aenter__()
+            t0 = perf_counter()
+            await cm.__aexit__(None, None, None)
+            out.append(perf_counter() - t0)
+        return out
+
+    return trio.run(main)
+
+
+def drain(tb: ModuleType, n: int, cap: int) -> Timing:
+    """Seconds of ``aclose()`` with ``n`` no-op jobs accepted (``cap`` started, rest queued)."""
+
+    async def main() -> Timing:
+        async with tb.open_background_runtime(_config(tb, queue=n, cap=cap)) as runtime:
+            handle = runtime.handle()
+            for _ in range(n):
+                handle.spawn(noop)
+            t0 = clock()
+            await runtime.aclose()
+            elapsed = since(t0)
+        _check(runtime, n)
+        return elapsed
+
+    return trio.run(main)
+
+
+# -- memory (tracemalloc must be tracing) -------------------------------------------------
+
+
+def _traced() -> int:
+    gc.collect()
+    return tracemalloc.get_traced_memory()[0]
+
+
+def bytes_per_queued_job(tb: ModuleType, queued: int, cap: int) -> float:
+    """Traced bytes added by ``queued`` more ``spawn(noop)`` calls, all slots busy."""
+
+    async def main() -> float:
+        release = trio.Event()
+        async with tb.open_background_runtime(_config(tb, queue=queued, cap=cap)) as runtime:
+            handle = runtime.handle()
+            for _ in range(cap):
+                handle.spawn(release.wait)
+            await trio.testing.wait_all_tasks_blocked()
+            before = _traced()
+            for _ in range(queued):
+                handle.spawn(noop)
+            after = _traced()
+            assert runtime.statistics().queued == queued
+            release.set()
+        return (after - before) / queued
+
+    return trio.run(main)
+
+
+def rejected_growth(tb: ModuleType, rejections: int, warmup: int = 10_000) -> int:
+    """Traced bytes gained over ``rejections`` spawns that raise QueueFullError."""
+
+    async def main() -> int:
+        release = trio.Event()
+        config = _config(tb, queue=0, cap=1)
+        async with tb.open_background_runtime(config) as runtime:
+            handle = runtime.handle()
+            handle.spawn(release.wait)
+            error = tb.QueueFullError
+            for _ in range(warmup):
+                try:  # noqa: SIM105 (contextlib.suppress would allocate per call)
+                    handle.spawn(noop)
+                except error:
+                    pass
+            before = _traced()
+            for _ in range(rejections):
+                try:  # noqa: SIM105 (contextlib.suppress would allocate per call)
+                    handle.spawn(noop)
+                except error:
+                    pass
+            after = _traced()
+            assert runtime.statistics().rejected == warmup + rejections
+            release.set()
+        return after - before
+
+    return trio.run(main)
+
+
+def aiojobs_bytes_per_pending_job(pending: int, cap: int) -> float:
+    """Reference: traced bytes per job waiting in aiojobs' pending queue."""
+    import asyncio
+
+    import aiojobs
+
+    async def main() -> float:
+        release = asyncio.Event()
+        scheduler = aiojobs.Scheduler(limit=cap, pending_limit=pending)
+        for _ in range(cap):
+            await scheduler.spawn(release.wait())
+        await asyncio.sleep(0)
+        before = _traced()
+        for _ in range(pending):
+            await scheduler.spawn(noop())
+        after = _traced()
+        release.set()
+        await scheduler.wait_and_close()
+        return (after - before) / pending
+
+    return asyncio.run(main())
+
+
+def pool_bytes_per_buffered_job(buffered: int) -> float:
+    """Reference: traced bytes per ``(fn, args)`` item in a trio memory channel's buffer."""
+
+    async def main() -> float:
+        send, receive = trio.open_memory_channel[tuple[Any, tuple[Any, ...]]](buffered)
+        before = _traced()
+        for _ in range(buffered):
+            send.send_nowait((noop, ()))
+        after = _traced()
+        send.close()
+        receive.close()
+        return (after - before) / buffered
+
+    return trio.run(main)

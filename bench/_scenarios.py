@@ -1,0 +1,558 @@
+"""The six scenarios of the benchmark. Each returns a `Section` (table, bars, raw data)."""
+
+from __future__ import annotations
+
+import math
+import tracemalloc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from . import _ours as ours
+from . import _peers as peers
+from ._util import (
+    Timing,
+    fmt_bytes,
+    fmt_ms,
+    fmt_rate,
+    fmt_ratio,
+    fmt_us,
+    interleave,
+    log,
+    median,
+    percentile,
+    ratios,
+)
+
+CAP = 128
+
+OURS = "trio_background"
+FLOOR = "hand-written floor"
+AIOJOBS = "aiojobs 1.4"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    rounds: int
+    burst: int
+    steady: int
+    steady_queue: int
+    producers: int
+    latency_samples: int
+    latency_load: int
+    mem_queued: int
+    rejections: int
+    idle_samples: int
+    drain: int
+    instruments: int
+    instrument_rounds: int
+
+
+FULL = Sizes(
+    rounds=5,
+    burst=100_000,
+    steady=102_400,
+    steady_queue=1024,
+    producers=2 * CAP,
+    latency_samples=2_000,
+    latency_load=CAP // 2,
+    mem_queued=100_000,
+    rejections=1_000_000,
+    idle_samples=1_000,
+    drain=10_000,
+    instruments=20_000,
+    instrument_rounds=21,
+)
+
+QUICK = Sizes(
+    rounds=5,
+    burst=5_000,
+    steady=5_120,
+    steady_queue=1024,
+    producers=2 * CAP,
+    latency_samples=200,
+    latency_load=CAP // 2,
+    mem_queued=10_000,
+    rejections=50_000,
+    idle_samples=200,
+    drain=5_000,
+    instruments=5_000,
+    instrument_rounds=11,
+)
+
+
+@dataclass
+class Bar:
+    label: str
+    measured: str
+    target: str
+    passed: bool | None  # None: could not be measured
+
+
+@dataclass
+class Section:
+    key: str
+    title: str
+    columns: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    bars: list[Bar] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+THROUGHPUT_COLUMNS = ["contender", "jobs/s (CPU)", "CPU range", "jobs/s (wall)", "vs floor"]
+
+
+def _throughput_rows(
+    section: Section, n: int, timings: dict[str, list[Timing]], floor: str, extra: dict[str, str]
+) -> dict[str, list[float]]:
+    """Add one row per contender; return jobs per CPU-second, per contender and round."""
+    rates = {name: [n / t.cpu for t in values] for name, values in timings.items()}
+    wall = {name: [n / t.wall for t in values] for name, values in timings.items()}
+    for name, values in rates.items():
+        vs_floor = median(ratios(values, rates[floor]))
+        section.rows.append(
+            [
+                name,
+                fmt_rate(median(values)),
+                f"{min(values):,.0f} - {max(values):,.0f}",
+                fmt_rate(median(wall[name])),
+                fmt_ratio(vs_floor),
+                extra.get(name, ""),
+            ]
+        )
+    section.data["jobs_per_cpu_second"] = rates
+    section.data["jobs_per_wall_second"] = wall
+    return rates
+
+
+def _ratio_note(label: str, values: list[float]) -> str:
+    return f"{label}: " + ", ".join(f"{x:.2f}x" for x in values) + f"; median {median(values):.2f}x"
+
+
+# -- 1. burst -----------------------------------------------------------------------------
+
+
+def burst(tb: ModuleType | None, sizes: Sizes) -> Section:
+    n = sizes.burst
+    log(f"burst: {n:,} no-op jobs, cap {CAP}, {sizes.rounds} interleaved rounds")
+    contenders: dict[str, Callable[[], Timing]] = {}
+    if tb is not None:
+        contenders[OURS] = lambda: ours.burst(tb, n, CAP)
+    contenders[FLOOR] = lambda: peers.floor_burst(n, CAP)
+    contenders["floor, trio.Semaphore variant"] = lambda: peers.floor_sem_burst(n, CAP)
+    contenders["anyio 4 task group + limiter (trio)"] = lambda: peers.anyio_burst(n, CAP)
+    contenders[AIOJOBS] = lambda: peers.aiojobs_burst(n, CAP)
+    contenders["aiojobs 1.4, counted drain"] = lambda: peers.aiojobs_counted_burst(n, CAP)
+    contenders["bare worker pool (ceiling)"] = lambda: peers.pool_burst(n, CAP)
+    timings = interleave(contenders, sizes.rounds, label="burst")
+    data: dict[str, Any] = {"n": n}
+    section = Section(
+        "burst",
+        f"1. Burst: {n:,} no-op jobs, {CAP} slots, queue >= {n:,} (jobs/s, higher is better)",
+        [*THROUGHPUT_COLUMNS, "submission"],
+        data=data,
+    )
+    how = {
+        OURS: "handle.spawn(job) x N, leave the block",
+        FLOOR: "await limiter.acquire_on_behalf_of(t); start_soon",
+        "floor, trio.Semaphore variant": "await sem.acquire(); start_soon",
+        "anyio 4 task group + limiter (trio)": "await limiter.acquire_on_behalf_of(t); start_soon",
+        AIOJOBS: "await spawn(job()) x N; wait_and_close()",
+        "aiojobs 1.4, counted drain": "await spawn(job()) x N; last job sets an Event",
+        "bare worker pool (ceiling)": "send_nowait to 128 looping workers",
+    }
+    rates = _throughput_rows(section, n, timings, FLOOR, how)
+    if tb is None:
+        section.notes.append("trio_background could not be imported: its rows are missing.")
+        section.bars += [
+            Bar("burst >= 0.8x hand-written floor", "n/a", ">= 0.80x", None),
+            Bar("burst >= 6x aiojobs", "n/a", ">= 6.00x", None),
+        ]
+        return section
+    vs_floor = ratios(rates[OURS], rates[FLOOR])
+    vs_aiojobs = ratios(rates[OURS], rates[AIOJOBS])
+    vs_counted = ratios(rates[OURS], rates["aiojobs 1.4, counted drain"])
+    vs_pool = ratios(rates[OURS], rates["bare worker pool (ceiling)"])
+    wall = section.data["jobs_per_wall_second"]
+    wall_vs_floor = ratios(wall[OURS], wall[FLOOR])
+    wall_vs_aiojobs = ratios(wall[OURS], wall[AIOJOBS])
+    section.notes += [
+        "per-round ratios of jobs per CPU-second (median of the rounds last):",
+        _ratio_note(f"  {OURS} / floor", vs_floor),
+        _ratio_note(f"  {OURS} / aiojobs (wait_and_close)", vs_aiojobs),
+        _ratio_note(f"  {OURS} / aiojobs (counted drain)", vs_counted),
+        _ratio_note(f"  {OURS} / worker pool", vs_pool),
+        "the same from wall-clock time:",
+        _ratio_note(f"  {OURS} / floor", wall_vs_floor),
+        _ratio_note(f"  {OURS} / aiojobs (wait_and_close)", wall_vs_aiojobs),
+    ]
+    section.data["ratios"] = {
+        "floor": vs_floor,
+        "aiojobs": vs_aiojobs,
+        "aiojobs_counted": vs_counted,
+        "pool": vs_pool,
+    }
+    section.bars += [
+        Bar(
+            "burst >= 0.8x hand-written floor",
+            fmt_ratio(median(vs_floor)),
+            ">= 0.80x",
+            median(vs_floor) >= 0.8,
+        ),
+        Bar(
+            "burst >= 6x aiojobs (wait_and_close)",
+            fmt_ratio(median(vs_aiojobs)),
+            ">= 6.00x",
+            median(vs_aiojobs) >= 6.0,
+        ),
+    ]
+    return section
+
+
+# -- 2. steady state with backpressure ----------------------------------------------------
+
+
+def steady(tb: ModuleType | None, sizes: Sizes) -> Section:
+    n, queue, producers = sizes.steady, sizes.steady_queue, sizes.producers
+    n = n // producers * producers
+    log(
+        f"steady: {n:,} jobs from {producers} submitting tasks through a {queue}-deep queue, "
+        f"{sizes.rounds} rounds"
+    )
+    contenders: dict[str, Callable[[], Timing]] = {}
+    if tb is not None:
+        contenders[OURS] = lambda: ours.steady(tb, n, CAP, queue, producers)
+    contenders[FLOOR] = lambda: peers.floor_steady(n, CAP, producers)
+    contenders[AIOJOBS] = lambda: peers.aiojobs_steady(n, CAP, queue, producers)
+    contenders["bare worker pool (ceiling)"] = lambda: peers.pool_steady(n, CAP, queue, producers)
+    timings = interleave(contenders, sizes.rounds, label="steady")
+    section = Section(
+        "steady",
+        f"2. Steady state with backpressure: {n:,} jobs from {producers} submitting tasks, "
+        f"{CAP} slots, queue {queue} (jobs/s, higher is better)",
+        [*THROUGHPUT_COLUMNS, "each submitting task does"],
+        data={"n": n, "producers": producers, "queue": queue},
+    )
+    how = {
+        OURS: f"await handle.send(job), max_queue_size={queue}",
+        FLOOR: "await limiter.acquire_on_behalf_of(t); start_soon (no queue)",
+        AIOJOBS: f"await spawn(job()), pending_limit={queue}",
+        "bare worker pool (ceiling)": f"await send.send(job), buffer {queue}",
+    }
+    rates = _throughput_rows(section, n, timings, FLOOR, how)
+    section.notes.append(
+        f"{producers} submitters outpace {CAP} slots of no-op jobs, so the queue stays full "
+        "and submitters wait: this measures the wait/wake path. (With one submitter, "
+        "each send is a checkpoint and jobs finish faster than it submits: no backpressure.)"
+    )
+    if tb is not None:
+        section.notes.append(
+            _ratio_note(f"per-round {OURS} / floor (CPU)", ratios(rates[OURS], rates[FLOOR]))
+        )
+    return section
+
+
+# -- 3. latency ---------------------------------------------------------------------------
+
+
+def latency(tb: ModuleType | None, sizes: Sizes) -> Section:
+    k, load = sizes.latency_samples, sizes.latency_load
+    log(f"latency: {k:,} probes per round, {load}/{CAP} slots busy, {sizes.rounds} rounds")
+    contenders: dict[str, Callable[[], list[float]]] = {}
+    if tb is not None:
+        contenders[OURS] = lambda: ours.latency(tb, k, CAP, load)
+    contenders[FLOOR] = lambda: peers.floor_latency(k, CAP, load)
+    contenders[AIOJOBS] = lambda: peers.aiojobs_latency(k, CAP, load)
+    contenders["bare worker pool (ceiling)"] = lambda: peers.pool_latency(k, CAP, load)
+    samples = interleave(contenders, sizes.rounds, label="latency")
+    section = Section(
+        "latency",
+        f"3. Latency, submit -> first line of the job, {load} of {CAP} slots busy "
+        f"({k:,} probes/round; lower is better)",
+        ["contender", "p50", "p99", "p50 range", "p99 range"],
+    )
+    section.data["p50"] = {}
+    section.data["p99"] = {}
+    for name, rounds in samples.items():
+        p50 = [percentile(s, 50) for s in rounds]
+        p99 = [percentile(s, 99) for s in rounds]
+        section.data["p50"][name] = p50
+        section.data["p99"][name] = p99
+        section.rows.append(
+            [
+                name,
+                fmt_us(median(p50)),
+                fmt_us(median(p99)),
+                f"{min(p50) * 1e6:,.1f} - {max(p50) * 1e6:,.1f} us",
+                f"{min(p99) * 1e6:,.1f} - {max(p99) * 1e6:,.1f} us",
+            ]
+        )
+    section.notes.append(
+        "p50/p99 are computed per round, then the median over rounds is shown. "
+        "The busy jobs loop on a checkpoint, so every scheduler batch holds "
+        f"{load} tasks."
+    )
+    return section
+
+
+# -- 4. memory ----------------------------------------------------------------------------
+
+
+def memory(tb: ModuleType | None, sizes: Sizes) -> Section:
+    q, r = sizes.mem_queued, sizes.rejections
+    log(f"memory: {q:,} queued jobs, {r:,} rejected spawns (tracemalloc)")
+    section = Section(
+        "memory",
+        "4. Memory (tracemalloc, after gc.collect())",
+        ["measure", "value", "how"],
+    )
+    tracemalloc.start()
+    try:
+        per_job = ours.bytes_per_queued_job(tb, q, CAP) if tb is not None else math.nan
+        growth = ours.rejected_growth(tb, r) if tb is not None else math.nan
+        aiojobs_per_job = ours.aiojobs_bytes_per_pending_job(q, CAP)
+        pool_per_job = ours.pool_bytes_per_buffered_job(q)
+    finally:
+        tracemalloc.stop()
+    section.rows += [
+        [
+            f"{OURS}: bytes per queued job",
+            fmt_bytes(per_job),
+            f"{q:,} x spawn(job) with all {CAP} slots busy",
+        ],
+        [
+            f"{OURS}: growth over {r:,} rejected spawns",
+            fmt_bytes(growth),
+            "QueueFullError each time (queue 0, slot busy)",
+        ],
+        [
+            f"{AIOJOBS}: bytes per pending job",
+            fmt_bytes(aiojobs_per_job),
+            "reference (holds a coroutine object per job)",
+        ],
+        [
+            "worker pool: bytes per buffered job",
+            fmt_bytes(pool_per_job),
+            "reference ((fn, args) tuple in a channel)",
+        ],
+    ]
+    section.data.update(
+        bytes_per_queued_job=per_job,
+        rejected_growth=growth,
+        rejections=r,
+        aiojobs_bytes_per_pending_job=aiojobs_per_job,
+        pool_bytes_per_buffered_job=pool_per_job,
+    )
+    measured = not math.isnan(per_job)
+    section.bars.append(
+        Bar("<= 512 bytes per queued job", fmt_bytes(per_job), "<= 512 B", per_job <= 512)
+        if measured
+        else Bar("<= 512 bytes per queued job", "n/a", "<= 512 B", None)
+    )
+    label = f"{r:,} rejected spawns grow memory < 1 MB"
+    if r != 1_000_000:
+        label += " (issue: 1,000,000)"
+    section.bars.append(
+        Bar(label, fmt_bytes(growth), "< 1,000,000 B", growth < 1_000_000)
+        if measured
+        else Bar(label, "n/a", "< 1,000,000 B", None)
+    )
+    return section
+
+
+# -- 5. shutdown --------------------------------------------------------------------------
+
+
+def shutdown(tb: ModuleType | None, sizes: Sizes) -> Section:
+    k, n = sizes.idle_samples, sizes.drain
+    log(f"shutdown: {k:,} idle aclose() per round; drain of {n:,} queued jobs")
+    section = Section(
+        "shutdown",
+        f"5. Shutdown (idle: {k:,} samples/round; drain: {n:,} no-op jobs, {CAP} slots)",
+        ["measure", "median", "p99 / range", "notes"],
+    )
+    idle: dict[str, Callable[[], list[float]]] = {}
+    if tb is not None:
+        idle[f"{OURS}: idle aclose()"] = lambda: ours.idle_aclose(tb, k)
+    idle["reference: empty nursery exit"] = lambda: ours.nursery_exit(k)
+    idle_samples = interleave(idle, sizes.rounds, label="idle aclose")
+    section.data["idle"] = {}
+    for name, rounds in idle_samples.items():
+        p50 = [percentile(s, 50) for s in rounds]
+        p99 = [percentile(s, 99) for s in rounds]
+        section.data["idle"][name] = {"p50": p50, "p99": p99}
+        section.rows.append(
+            [name, fmt_us(median(p50)), f"p99 {fmt_us(median(p99))}", "per-round p50, median"]
+        )
+    drains: dict[str, Callable[[], Timing]] = {}
+    if tb is not None:
+        drains[f"{OURS}: drain"] = lambda: ours.drain(tb, n, CAP)
+    drains[f"{AIOJOBS}: wait_and_close()"] = lambda: peers.aiojobs_drain(n, CAP)
+    drains["worker pool: empty the channel"] = lambda: peers.pool_drain(n, CAP)
+    drain_timings = interleave(drains, sizes.rounds, label="drain")
+    section.data["drain_cpu"] = {k: [t.cpu for t in v] for k, v in drain_timings.items()}
+    section.data["drain_wall"] = {k: [t.wall for t in v] for k, v in drain_timings.items()}
+    for name, values in section.data["drain_wall"].items():
+        cpu = median(section.data["drain_cpu"][name])
+        section.rows.append(
+            [
+                name,
+                fmt_ms(median(values)),
+                f"{min(values) * 1e3:,.2f} - {max(values) * 1e3:,.2f} ms",
+                f"CPU {fmt_ms(cpu)}: {n / cpu:,.0f} jobs per CPU-second",
+            ]
+        )
+    key = f"{OURS}: idle aclose()"
+    if key in section.data["idle"]:
+        idle_p50 = median(section.data["idle"][key]["p50"])
+        section.bars.append(
+            Bar("idle aclose() < 1 ms (median)", fmt_us(idle_p50), "< 1,000 us", idle_p50 < 1e-3)
+        )
+    else:
+        section.bars.append(Bar("idle aclose() < 1 ms (median)", "n/a", "< 1,000 us", None))
+    return section
+
+
+# -- 6. instruments -----------------------------------------------------------------------
+
+
+def instruments(
+    tb: ModuleType | None, sizes: Sizes, package_dir: Path | None, *, count_instructions: bool
+) -> Section:
+    """Instrument overhead; optionally also counted in instructions (see ``_instructions``).
+
+    The differences involved are a few dictionary truth tests per job, far below the
+    timing noise of a shared machine, so this section runs many short rounds (more
+    pairs, each closer in time) and, with ``count_instructions``, also counts executed
+    instructions per job under valgrind, which noise cannot move. The bar is judged on
+    instructions when they were counted, on the median CPU-time ratio otherwise.
+    """
+    n, rounds = sizes.instruments, sizes.instrument_rounds
+    log(f"instruments: burst of {n:,}, {rounds} interleaved rounds")
+    section = Section(
+        "instruments",
+        f"6. Instruments: burst of {n:,} no-op jobs (jobs/s, higher is better)",
+        ["variant", "jobs/s (CPU)", "CPU range", "jobs/s (wall)", "vs stripped", "what"],
+        data={"n": n},
+    )
+    bar_label = "instrument support costs < 3% with none installed"
+    if tb is None:
+        section.bars.append(Bar(bar_label, "n/a", "< 3.0%", None))
+        return section
+    stripped: ModuleType | None = None
+    removed: list[str] = []
+    try:
+        assert package_dir is not None
+        from . import _stripped
+
+        stripped, removed = _stripped.build(package_dir)
+        ours.burst(stripped, 1000, CAP)  # sanity: it still runs and counts right
+    except Exception as exc:
+        stripped = None
+        section.notes.append(f"could not build the instrument-free copy: {exc!r}")
+
+    class NoOpInstrument(tb.BackgroundInstrument):  # type: ignore[name-defined,misc]
+        def job_accepted(self, job: object) -> None:
+            pass
+
+        def job_rejected(self, job: object) -> None:
+            pass
+
+        def job_started(self, job: object) -> None:
+            pass
+
+        def job_finished(self, job: object, outcome: str, duration: float) -> None:
+            pass
+
+        def job_dropped(self, job: object) -> None:
+            pass
+
+    noop_instrument = NoOpInstrument()
+    contenders: dict[str, Callable[[], Timing]] = {
+        "no instruments argument": lambda: ours.burst(tb, n, CAP),
+        "instruments=()": lambda: ours.burst(tb, n, CAP, instruments=()),
+        "one no-op instrument (5 hooks)": lambda: ours.burst(
+            tb, n, CAP, instruments=(noop_instrument,)
+        ),
+    }
+    if stripped is not None:
+        contenders["stripped: no instrument code"] = lambda: ours.burst(stripped, n, CAP)
+    timings = interleave(contenders, rounds, label="instruments")
+    rates = {name: [n / t.cpu for t in values] for name, values in timings.items()}
+    wall = {name: [n / t.wall for t in values] for name, values in timings.items()}
+    what = {
+        "no instruments argument": "open_background_runtime(config)",
+        "instruments=()": "open_background_runtime(config, instruments=())",
+        "one no-op instrument (5 hooks)": "every hook overridden with `pass`",
+        "stripped: no instrument code": "_runtime.py with the hook guards deleted",
+    }
+    base = rates.get("stripped: no instrument code")
+    for name, values in rates.items():
+        rel = median(ratios(values, base)) if base is not None else math.nan
+        section.rows.append(
+            [
+                name,
+                fmt_rate(median(values)),
+                f"{min(values):,.0f} - {max(values):,.0f}",
+                fmt_rate(median(wall[name])),
+                fmt_ratio(rel),
+                what[name],
+            ]
+        )
+    section.data["jobs_per_cpu_second"] = rates
+    section.data["jobs_per_wall_second"] = wall
+    section.data["stripped"] = removed
+    if removed:
+        section.notes.append("stripped from _runtime.py: " + "; ".join(removed))
+    if base is None:
+        section.bars.append(Bar(bar_label, "n/a", "< 3.0%", None))
+        return section
+    per_round = ratios(rates["no instruments argument"], base)
+    cost = 1 - median(per_round)
+    section.notes.append(
+        "per-round no-instruments / stripped (CPU): "
+        + ", ".join(f"{x:.3f}" for x in per_round)
+        + f"; median {median(per_round):.3f} -> cost {cost * 100:+.1f}% "
+        "(negative = within noise)"
+    )
+    section.data["cost"] = cost
+    if count_instructions and stripped is not None:
+        from . import _instructions
+
+        if not _instructions.available():
+            section.notes.append("--instructions: valgrind is not installed; not counted")
+        else:
+            log("instructions: counting under valgrind (about a minute)")
+            kinds = {
+                OURS: "ours",
+                "stripped copy": f"stripped:{Path(str(stripped.__file__)).parent}",
+                FLOOR: "floor",
+                "bare worker pool": "pool",
+            }
+            counts = _instructions.per_job(kinds)
+            section.data["instructions_per_job"] = counts
+            section.notes.append(
+                "instructions per job, burst (valgrind cachegrind; I(9,000 jobs) - I(3,000 jobs) "
+                "over 6,000): " + ", ".join(f"{k} {v:,.0f}" for k, v in counts.items())
+            )
+            cost_i = counts[OURS] / counts["stripped copy"] - 1
+            section.notes.append(
+                f"-> instrument support with none installed: {cost_i * 100:+.2f}% instructions; "
+                f"{OURS} / floor: {counts[FLOOR] / counts[OURS]:.2f}x fewer instructions per job"
+            )
+            section.bars.append(
+                Bar(
+                    bar_label + " (instructions)",
+                    f"{cost_i * 100:+.2f}%",
+                    "< 3.0%",
+                    cost_i < 0.03,
+                )
+            )
+            return section
+    section.bars.append(
+        Bar(bar_label + " (CPU time)", f"{cost * 100:+.1f}%", "< 3.0%", cost < 0.03)
+    )
+    return section
