@@ -57,6 +57,9 @@ TRIO: list[tuple[str, str, str]] = [
     ("trio.testing.wait_all_tasks_blocked", "py:function", "reference-testing.html"),
     ("trio.abc.Instrument", "py:class", "reference-lowlevel.html"),
     ("trio.lowlevel.checkpoint", "py:function", "reference-lowlevel.html"),
+    ("trio.lowlevel.current_task", "py:function", "reference-lowlevel.html"),
+    ("trio.lowlevel.Task", "py:class", "reference-lowlevel.html"),
+    ("trio.Lock", "py:class", "reference-core.html"),
     ("trio.lowlevel.current_trio_token", "py:function", "reference-lowlevel.html"),
 ]
 
@@ -88,6 +91,8 @@ PYTHON: list[tuple[str, str, str]] = [
     ("contextvars.ContextVar", "py:class", "library/contextvars.html"),
     ("contextvars.copy_context", "py:function", "library/contextvars.html"),
     ("contextvars.Context", "py:class", "library/contextvars.html"),
+    ("contextvars.Context.run", "py:method", "library/contextvars.html"),
+    ("types.coroutine", "py:function", "library/types.html"),
     ("logging", "py:module", "library/logging.html"),
     ("logging.getLogger", "py:function", "library/logging.html"),
     ("logging.Logger", "py:class", "library/logging.html"),
