@@ -10,10 +10,12 @@ stays in that module.
 from __future__ import annotations
 
 import logging
+import os
 from typing import TypeAlias
 
 import pytest
 import trio
+from hypothesis import HealthCheck, Phase, settings
 
 from trio_background import BackgroundJobMetadata, BackgroundRuntime, BackgroundStatistics
 
@@ -122,3 +124,31 @@ class Recorder:
     def pairs(self) -> list[tuple[str, str]]:
         """Every call as ``(hook, job name)``, in order: outcome and duration left out."""
         return [(hook, name) for hook, name, _, _ in self.calls]
+
+
+#: Every phase but "explain", which reruns failing examples under a tracer (slow).
+PHASES = [Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink]
+settings.register_profile(
+    "ci",
+    max_examples=50,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+    phases=PHASES,
+)
+settings.register_profile(
+    "long",
+    max_examples=3000,
+    stateful_step_count=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+    phases=PHASES,
+)
+#: Long hypothesis runs: ``TRIO_BACKGROUND_LONG=1`` (CI keeps example counts modest).
+LONG = (
+    os.environ.get("TRIO_BACKGROUND_LONG") == "1" or settings.get_current_profile_name() == "long"
+)
+#: The hypothesis profile the property and stateful tests run under.
+PROFILE = settings.get_profile("long" if LONG else "ci")
