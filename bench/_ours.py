@@ -12,7 +12,7 @@ from typing import Any
 import trio
 import trio.testing
 
-from ._peers import noop
+from ._peers import latency_jobs, noop
 from ._util import Timing, clock, since
 
 perf_counter = time.perf_counter
@@ -81,17 +81,7 @@ def latency(tb: ModuleType, samples: int, cap: int, load: int) -> list[float]:
     """Spawn -> first line of the job, with ``load`` of ``cap`` slots busy (see ``_peers``)."""
 
     async def main() -> list[float]:
-        out: list[float] = []
-        stop = False
-
-        async def busy() -> None:
-            while not stop:
-                await trio.lowlevel.checkpoint()
-
-        async def probe(t0: float, event: trio.Event) -> None:
-            out.append(perf_counter() - t0)
-            event.set()
-
+        out, busy, probe, stop = latency_jobs()
         async with tb.open_background_runtime(_config(tb, queue=1024, cap=cap)) as runtime:
             handle = runtime.handle()
             for _ in range(load):
@@ -101,7 +91,7 @@ def latency(tb: ModuleType, samples: int, cap: int, load: int) -> list[float]:
                 t0 = perf_counter()
                 handle.spawn(probe, t0, event)
                 await event.wait()
-            stop = True
+            stop()
         return out
 
     return trio.run(main)
@@ -184,6 +174,15 @@ def bytes_per_queued_job(tb: ModuleType, queued: int, cap: int) -> float:
     return trio.run(main)
 
 
+def _spawn_rejected(handle: Any, error: type[Exception], times: int) -> None:
+    """``times`` x ``handle.spawn(noop)``, each expected to raise ``error``."""
+    for _ in range(times):
+        try:  # noqa: SIM105 (contextlib.suppress would allocate per call)
+            handle.spawn(noop)
+        except error:
+            pass
+
+
 def rejected_growth(tb: ModuleType, rejections: int, warmup: int = 10_000) -> int:
     """Traced bytes gained over ``rejections`` spawns that raise QueueFullError."""
 
@@ -193,18 +192,9 @@ def rejected_growth(tb: ModuleType, rejections: int, warmup: int = 10_000) -> in
         async with tb.open_background_runtime(config) as runtime:
             handle = runtime.handle()
             handle.spawn(release.wait)
-            error = tb.QueueFullError
-            for _ in range(warmup):
-                try:  # noqa: SIM105 (contextlib.suppress would allocate per call)
-                    handle.spawn(noop)
-                except error:
-                    pass
+            _spawn_rejected(handle, tb.QueueFullError, warmup)
             before = _traced()
-            for _ in range(rejections):
-                try:  # noqa: SIM105 (contextlib.suppress would allocate per call)
-                    handle.spawn(noop)
-                except error:
-                    pass
+            _spawn_rejected(handle, tb.QueueFullError, rejections)
             after = _traced()
             assert runtime.statistics().rejected == warmup + rejections
             release.set()

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, NamedTuple
 
 import trio
 
 from ._util import Timing, clock, since
 
 perf_counter = time.perf_counter
+
+_Item = tuple[Any, tuple[Any, ...]]  # (fn, args): what the worker pool's channel carries
 
 
 async def noop() -> None:
@@ -90,20 +92,27 @@ def floor_sem_burst(n: int, cap: int) -> Timing:
 # a Trio program can push jobs through ``cap`` slots.
 
 
-async def _worker(receive: trio.MemoryReceiveChannel[tuple[Any, tuple[Any, ...]]]) -> None:
+async def _worker(receive: trio.MemoryReceiveChannel[_Item]) -> None:
     async with receive:
         async for fn, args in receive:
             await fn(*args)
 
 
+def _start_workers(
+    nursery: trio.Nursery, receive: trio.MemoryReceiveChannel[_Item], cap: int
+) -> None:
+    """Start ``cap`` workers on clones of ``receive``, then close the original."""
+    for _ in range(cap):
+        nursery.start_soon(_worker, receive.clone())
+    receive.close()
+
+
 def pool_burst(n: int, cap: int) -> Timing:
     async def main() -> Timing:
         t0 = clock()
-        send, receive = trio.open_memory_channel[tuple[Any, tuple[Any, ...]]](n)
+        send, receive = trio.open_memory_channel[_Item](n)
         async with trio.open_nursery() as nursery:
-            for _ in range(cap):
-                nursery.start_soon(_worker, receive.clone())
-            receive.close()
+            _start_workers(nursery, receive, cap)
             async with send:
                 for _ in range(n):
                     send.send_nowait((noop, ()))
@@ -115,18 +124,16 @@ def pool_burst(n: int, cap: int) -> Timing:
 def pool_steady(n: int, cap: int, queue: int, producers: int) -> Timing:
     """The pool with a ``queue``-deep channel; ``producers`` tasks ``await send()``."""
 
-    async def produce(send: trio.MemorySendChannel[tuple[Any, tuple[Any, ...]]], k: int) -> None:
+    async def produce(send: trio.MemorySendChannel[_Item], k: int) -> None:
         async with send:
             for _ in range(k):
                 await send.send((noop, ()))
 
     async def main() -> Timing:
         t0 = clock()
-        send, receive = trio.open_memory_channel[tuple[Any, tuple[Any, ...]]](queue)
+        send, receive = trio.open_memory_channel[_Item](queue)
         async with trio.open_nursery() as nursery:
-            for _ in range(cap):
-                nursery.start_soon(_worker, receive.clone())
-            receive.close()
+            _start_workers(nursery, receive, cap)
             async with send:
                 for _ in range(producers):
                     nursery.start_soon(produce, send.clone(), n // producers)
@@ -273,15 +280,13 @@ def pool_drain(n: int, cap: int) -> Timing:
     """Seconds for the worker pool to empty a channel holding ``n`` jobs, then stop."""
 
     async def main() -> Timing:
-        send, receive = trio.open_memory_channel[tuple[Any, tuple[Any, ...]]](n)
+        send, receive = trio.open_memory_channel[_Item](n)
         for _ in range(n):
             send.send_nowait((noop, ()))
         send.close()
         t0 = clock()
         async with trio.open_nursery() as nursery:
-            for _ in range(cap):
-                nursery.start_soon(_worker, receive.clone())
-            receive.close()
+            _start_workers(nursery, receive, cap)
         return since(t0)
 
     return trio.run(main)
@@ -294,19 +299,50 @@ def pool_drain(n: int, cap: int) -> Timing:
 # clock starts just before the submission call and stops on the probe's first line.
 
 
-def floor_latency(samples: int, cap: int, load: int) -> list[float]:
-    async def main() -> list[float]:
-        out: list[float] = []
-        stop = False
+class LatencyJobs(NamedTuple):
+    """The jobs of a latency run, made by `latency_jobs`."""
+
+    samples: list[float]  # seconds from submission to a probe's first line
+    busy: Callable[[], Coroutine[Any, Any, None]]  # loops on a checkpoint until ``stop()``
+    probe: Callable[[float, Any], Coroutine[Any, Any, None]]  # probe(t0, event): record, set event
+    stop: Callable[[], None]  # make every ``busy`` job return
+
+
+def latency_jobs(*, on_asyncio: bool = False) -> LatencyJobs:
+    """Make the load and probe jobs of one latency run (Trio's or asyncio's checkpoint).
+
+    They are closures over the run's sample list and stop flag, exactly as if written
+    inside each contender's ``main``: sharing them adds no indirection inside a job.
+    """
+    out: list[float] = []
+    stop = False
+
+    if on_asyncio:
+
+        async def busy() -> None:
+            while not stop:  # noqa: ASYNC110 (busy on purpose: load for the scheduler)
+                await asyncio.sleep(0)
+
+    else:
 
         async def busy() -> None:
             while not stop:
                 await trio.lowlevel.checkpoint()
 
-        async def probe(t0: float, event: trio.Event) -> None:
-            out.append(perf_counter() - t0)
-            event.set()
+    async def probe(t0: float, event: trio.Event | asyncio.Event) -> None:
+        out.append(perf_counter() - t0)
+        event.set()
 
+    def halt() -> None:
+        nonlocal stop
+        stop = True
+
+    return LatencyJobs(out, busy, probe, halt)
+
+
+def floor_latency(samples: int, cap: int, load: int) -> list[float]:
+    async def main() -> list[float]:
+        out, busy, probe, stop = latency_jobs()
         limiter = trio.CapacityLimiter(cap)
         async with trio.open_nursery() as nursery:
             for _ in range(load):
@@ -320,7 +356,7 @@ def floor_latency(samples: int, cap: int, load: int) -> list[float]:
                 await limiter.acquire_on_behalf_of(token)
                 nursery.start_soon(_run_and_release, limiter, token, probe, t0, event)
                 await event.wait()
-            stop = True
+            stop()
         return out
 
     return trio.run(main)
@@ -328,22 +364,10 @@ def floor_latency(samples: int, cap: int, load: int) -> list[float]:
 
 def pool_latency(samples: int, cap: int, load: int) -> list[float]:
     async def main() -> list[float]:
-        out: list[float] = []
-        stop = False
-
-        async def busy() -> None:
-            while not stop:
-                await trio.lowlevel.checkpoint()
-
-        async def probe(t0: float, event: trio.Event) -> None:
-            out.append(perf_counter() - t0)
-            event.set()
-
-        send, receive = trio.open_memory_channel[tuple[Any, tuple[Any, ...]]](samples + load)
+        out, busy, probe, stop = latency_jobs()
+        send, receive = trio.open_memory_channel[_Item](samples + load)
         async with trio.open_nursery() as nursery:
-            for _ in range(cap):
-                nursery.start_soon(_worker, receive.clone())
-            receive.close()
+            _start_workers(nursery, receive, cap)
             async with send:
                 for _ in range(load):
                     send.send_nowait((busy, ()))
@@ -352,7 +376,7 @@ def pool_latency(samples: int, cap: int, load: int) -> list[float]:
                     t0 = perf_counter()
                     send.send_nowait((probe, (t0, event)))
                     await event.wait()
-                stop = True
+                stop()
         return out
 
     return trio.run(main)
@@ -362,17 +386,7 @@ def aiojobs_latency(samples: int, cap: int, load: int) -> list[float]:
     import aiojobs
 
     async def main() -> list[float]:
-        out: list[float] = []
-        stop = False
-
-        async def busy() -> None:
-            while not stop:  # noqa: ASYNC110 (busy on purpose: load for the scheduler)
-                await asyncio.sleep(0)
-
-        async def probe(t0: float, event: asyncio.Event) -> None:
-            out.append(perf_counter() - t0)
-            event.set()
-
+        out, busy, probe, stop = latency_jobs(on_asyncio=True)
         scheduler = aiojobs.Scheduler(limit=cap, pending_limit=samples + load)
         for _ in range(load):
             await scheduler.spawn(busy())
@@ -381,7 +395,7 @@ def aiojobs_latency(samples: int, cap: int, load: int) -> list[float]:
             t0 = perf_counter()
             await scheduler.spawn(probe(t0, event))
             await event.wait()
-        stop = True
+        stop()
         await scheduler.wait_and_close()
         return out
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import tracemalloc
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -66,14 +66,12 @@ FULL = Sizes(
     instrument_rounds=21,
 )
 
-QUICK = Sizes(
-    rounds=5,
+# The same rounds, queue, submitters and load as FULL; fewer jobs and samples.
+QUICK = replace(
+    FULL,
     burst=5_000,
     steady=5_120,
-    steady_queue=1024,
-    producers=2 * CAP,
     latency_samples=200,
-    latency_load=CAP // 2,
     mem_queued=10_000,
     rejections=50_000,
     idle_samples=200,
@@ -106,20 +104,24 @@ THROUGHPUT_COLUMNS = ["contender", "jobs/s (CPU)", "CPU range", "jobs/s (wall)",
 
 
 def _throughput_rows(
-    section: Section, n: int, timings: dict[str, list[Timing]], floor: str, extra: dict[str, str]
+    section: Section, n: int, timings: dict[str, list[Timing]], base: str, extra: dict[str, str]
 ) -> dict[str, list[float]]:
-    """Add one row per contender; return jobs per CPU-second, per contender and round."""
+    """Add one row per contender; return jobs per CPU-second, per contender and round.
+
+    The ratio column is each contender over ``base`` (n/a when ``base`` did not run).
+    """
     rates = {name: [n / t.cpu for t in values] for name, values in timings.items()}
     wall = {name: [n / t.wall for t in values] for name, values in timings.items()}
+    base_rates = rates.get(base)
     for name, values in rates.items():
-        vs_floor = median(ratios(values, rates[floor]))
+        vs_base = median(ratios(values, base_rates)) if base_rates is not None else math.nan
         section.rows.append(
             [
                 name,
                 fmt_rate(median(values)),
                 f"{min(values):,.0f} - {max(values):,.0f}",
                 fmt_rate(median(wall[name])),
-                fmt_ratio(vs_floor),
+                fmt_ratio(vs_base),
                 extra.get(name, ""),
             ]
         )
@@ -481,29 +483,14 @@ def instruments(
     if stripped is not None:
         contenders["stripped: no instrument code"] = lambda: ours.burst(stripped, n, CAP)
     timings = interleave(contenders, rounds, label="instruments")
-    rates = {name: [n / t.cpu for t in values] for name, values in timings.items()}
-    wall = {name: [n / t.wall for t in values] for name, values in timings.items()}
     what = {
         "no instruments argument": "open_background_runtime(config)",
         "instruments=()": "open_background_runtime(config, instruments=())",
         "one no-op instrument (5 hooks)": "every hook overridden with `pass`",
         "stripped: no instrument code": "_runtime.py with the hook guards deleted",
     }
+    rates = _throughput_rows(section, n, timings, "stripped: no instrument code", what)
     base = rates.get("stripped: no instrument code")
-    for name, values in rates.items():
-        rel = median(ratios(values, base)) if base is not None else math.nan
-        section.rows.append(
-            [
-                name,
-                fmt_rate(median(values)),
-                f"{min(values):,.0f} - {max(values):,.0f}",
-                fmt_rate(median(wall[name])),
-                fmt_ratio(rel),
-                what[name],
-            ]
-        )
-    section.data["jobs_per_cpu_second"] = rates
-    section.data["jobs_per_wall_second"] = wall
     section.data["stripped"] = removed
     if removed:
         section.notes.append("stripped from _runtime.py: " + "; ".join(removed))

@@ -29,7 +29,7 @@ import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TextIO
+from typing import TextIO, TypeVar
 
 import attrs
 import trio
@@ -56,6 +56,8 @@ _LOGGER_NAME = "trio_background"
 _LOG_RECORDS_SHOWN_PER_LEVEL = 3
 _REPORT_ITEMS_SHOWN = 5
 
+_Number = TypeVar("_Number", int, float)
+
 
 # ---------------------------------------------------------------------------
 # Options
@@ -77,21 +79,22 @@ class DemoOptions:
     seed: int = 0
 
 
-def _duration_arg(text: str) -> float:
+def _number_arg(text: str, convert: Callable[[str], _Number], what: str) -> _Number:
     try:
-        value = float(text)
+        return convert(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+
+
+def _duration_arg(text: str) -> float:
+    value = _number_arg(text, float, "a number")
     if not (0.1 <= value < math.inf):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0.1, got {text}")
     return value
 
 
 def _jobs_arg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    value = _number_arg(text, int, "an integer")
     if value < 20:
         raise argparse.ArgumentTypeError(f"must be >= 20, got {value}")
     return value
@@ -172,50 +175,50 @@ class Work:
     failure: Exception | None = None
 
 
-async def _simulate(work: Work) -> None:
-    if work.hang:
-        await trio.sleep_forever()
-    await trio.sleep(work.seconds)
-    if work.failure is not None:
-        raise work.failure
-
-
-async def send_email(work: Work) -> None:
-    """Pretend to send an e-mail (submitted with ``send``: must not be lost)."""
-    await _simulate(work)
-
-
-async def warm_cache(work: Work) -> None:
-    """Pretend to refill a cache entry (``spawn``, short per-job timeout)."""
-    await _simulate(work)
-
-
-async def write_audit(work: Work) -> None:
-    """Pretend to append to an audit log (submitted with ``send``)."""
-    await _simulate(work)
-
-
-async def resize_image(work: Work) -> None:
-    """Pretend to make thumbnails of an upload (``spawn``)."""
-    await _simulate(work)
-
-
-async def call_webhook(work: Work) -> None:
-    """Pretend to notify a customer's webhook (``spawn``; some endpoints hang)."""
-    await _simulate(work)
-
-
-async def export_report(work: Work) -> None:
-    """Pretend to build a large export (slow; arrives just before shutdown)."""
-    await _simulate(work)
-
-
-async def rebuild_search_index(work: Work) -> None:
-    """Pretend to rebuild a search index (very slow; arrives just before shutdown)."""
-    await _simulate(work)
-
-
 JobFunction = Callable[[Work], Awaitable[None]]
+
+
+def _simulated_job(name: str, doc: str) -> JobFunction:
+    """Make the job function ``name``: it plays out its `Work` (sleep, hang, or raise).
+
+    Every kind of job gets a function of its own because the library names a job after
+    its function's ``__qualname__``: in log records, statistics and the shutdown report.
+    """
+
+    async def job(work: Work) -> None:
+        if work.hang:
+            await trio.sleep_forever()
+        await trio.sleep(work.seconds)
+        if work.failure is not None:
+            raise work.failure
+
+    job.__name__ = job.__qualname__ = name
+    job.__doc__ = doc
+    return job
+
+
+send_email = _simulated_job(
+    "send_email", "Pretend to send an e-mail (submitted with ``send``: must not be lost)."
+)
+warm_cache = _simulated_job(
+    "warm_cache", "Pretend to refill a cache entry (``spawn``, short per-job timeout)."
+)
+write_audit = _simulated_job(
+    "write_audit", "Pretend to append to an audit log (submitted with ``send``)."
+)
+resize_image = _simulated_job(
+    "resize_image", "Pretend to make thumbnails of an upload (``spawn``)."
+)
+call_webhook = _simulated_job(
+    "call_webhook", "Pretend to notify a customer's webhook (``spawn``; some endpoints hang)."
+)
+export_report = _simulated_job(
+    "export_report", "Pretend to build a large export (slow; arrives just before shutdown)."
+)
+rebuild_search_index = _simulated_job(
+    "rebuild_search_index",
+    "Pretend to rebuild a search index (very slow; arrives just before shutdown).",
+)
 
 
 @attrs.frozen
