@@ -327,7 +327,7 @@ class _RuntimeState:
         following: _Job | None = None
         admitted: _Job | None = None  # a waiting send() whose job was just accepted
         if self.cutting_off:
-            pass
+            pass  # nothing starts after a cut-off
         elif self.queued:
             following = self.receive_channel.receive_nowait()
             self.queued -= 1
@@ -338,7 +338,7 @@ class _RuntimeState:
             following = admitted = self._admit_waiter()
         if following is not None:
             self.limiter.acquire_on_behalf_of_nowait(following)
-        elif not self.queued and not self.limiter.borrowed_tokens:
+        elif self.is_idle():
             self._on_idle()
         if self.instruments.hooks:
             # The counters already include the admitted job: report its acceptance first.
