@@ -47,9 +47,17 @@ def _name_of(fn: object) -> str:
     return type(fn).__qualname__
 
 
-def _job_extra(job: _Job) -> dict[str, object]:
+def _log_job(level: int, job: _Job, what: str, *, exc_info: bool = False) -> None:
+    """Log ``background job '<name>' <what>`` with the job_name/request_id record attributes."""
     meta = job.metadata()
-    return {"job_name": meta.name, "request_id": meta.request_id}
+    logger.log(
+        level,
+        "background job %r %s",
+        meta.name,
+        what,
+        exc_info=exc_info,
+        extra={"job_name": meta.name, "request_id": meta.request_id},
+    )
 
 
 class _Job:
@@ -280,17 +288,10 @@ class _RuntimeState:
                     # Past its deadline, even if it shielded itself or swallowed Cancelled.
                     if scope.cancel_called:
                         outcome = "timed_out"
-                        logger.warning(
-                            "background job %r timed out after %g seconds",
-                            job.metadata().name,
-                            job.timeout,
-                            extra=_job_extra(job),
-                        )
+                        _log_job(logging.WARNING, job, f"timed out after {job.timeout:g} seconds")
             except Exception:
                 outcome = "failed"
-                logger.exception(
-                    "background job %r failed", job.metadata().name, extra=_job_extra(job)
-                )
+                _log_job(logging.ERROR, job, "failed", exc_info=True)
             except BaseException as exc:
                 if not isinstance(exc, trio.Cancelled):
                     outcome = "failed"
@@ -310,11 +311,7 @@ class _RuntimeState:
         if self.cutting_off and not culprit:
             outcome = "cancelled"
             self.cut_cancelled.append(job)
-            logger.warning(
-                "background job %r cancelled at shutdown",
-                job.metadata().name,
-                extra=_job_extra(job),
-            )
+            _log_job(logging.WARNING, job, "cancelled at shutdown")
         if outcome == "completed":
             self.completed += 1
         elif outcome == "failed":
@@ -408,11 +405,7 @@ class _RuntimeState:
             self.queued -= 1
             self.dropped += 1
             self.cut_dropped.append(job)
-            logger.warning(
-                "background job %r dropped at shutdown without starting",
-                job.metadata().name,
-                extra=_job_extra(job),
-            )
+            _log_job(logging.WARNING, job, "dropped at shutdown without starting")
             if "job_dropped" in self.instruments.hooks:
                 self.instruments.call("job_dropped", job.metadata())
         if self.jobs_nursery is not None:
