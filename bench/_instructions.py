@@ -10,7 +10,7 @@ cancel out. Instructions are not time (memory stalls differ), but for one progra
 and two near-identical variants of it they are the steadiest proxy there is.
 
 Run as ``python -m bench._instructions KIND N`` inside valgrind; KIND is ``ours``,
-``stripped:<dir>``, ``floor`` or ``pool``.
+``stripped:<dir>``, ``floor`` (await always), ``floor_nowait`` (nowait first) or ``pool``.
 """
 
 from __future__ import annotations
@@ -76,6 +76,8 @@ def _main(kind: str, n: int) -> None:
         _ours.burst(importlib.import_module(directory.name), n, CAP)
     elif kind == "floor":
         _peers.floor_burst(n, CAP)
+    elif kind == "floor_nowait":
+        _peers.floor_nowait_burst(n, CAP)
     elif kind == "pool":
         _peers.pool_burst(n, CAP)
     else:

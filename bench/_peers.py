@@ -58,9 +58,33 @@ def floor_burst(n: int, cap: int) -> Timing:
     return trio.run(main)
 
 
-# The same loop with a trio.Semaphore (no borrower bookkeeping): a slightly faster floor
-# that some users write instead. Reported for reference; the bars use the CapacityLimiter
-# floor named in the issue.
+# The careful Trio user's floor: try ``acquire_on_behalf_of_nowait`` first and await
+# ``acquire_on_behalf_of`` only on ``trio.WouldBlock``. The await-always loop above
+# checkpoints once per job; this one yields only when every slot is taken (in a burst,
+# about once per ``cap`` jobs: the job that frees a slot hands it to the waiting
+# submitter, and the others free theirs in the same scheduler batch). This is the
+# faster floor, and the one the burst bar is judged against.
+
+
+def floor_nowait_burst(n: int, cap: int) -> Timing:
+    async def main() -> Timing:
+        t0 = clock()
+        limiter = trio.CapacityLimiter(cap)
+        async with trio.open_nursery() as nursery:
+            for _ in range(n):
+                token = object()
+                try:
+                    limiter.acquire_on_behalf_of_nowait(token)
+                except trio.WouldBlock:
+                    await limiter.acquire_on_behalf_of(token)
+                nursery.start_soon(_run_and_release, limiter, token, noop)
+        return since(t0)
+
+    return trio.run(main)
+
+
+# The same await-always loop with a trio.Semaphore (no borrower bookkeeping): a slightly
+# faster floor that some users write instead. Reported for reference only.
 
 
 async def _run_and_release_sem(
