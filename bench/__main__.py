@@ -35,7 +35,7 @@ from ._util import log
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DOCS_PNG = ROOT / "docs" / "_static" / "bench.png"
-SECTIONS = ("burst", "steady", "latency", "memory", "shutdown", "instruments")
+SECTIONS = ("burst", "steady", "latency", "memory", "shutdown", "instruments", "send")
 
 
 def _version(dist: str) -> str:
@@ -124,10 +124,12 @@ def main(argv: list[str] | None = None) -> int:
             sections[key] = scenarios.memory(tb, sizes)
         elif key == "shutdown":
             sections[key] = scenarios.shutdown(tb, sizes)
-        else:
+        elif key == "instruments":
             sections[key] = scenarios.instruments(
                 tb, sizes, package_dir, count_instructions=args.instructions
             )
+        else:
+            sections[key] = scenarios.send(tb, sizes)
         log(f"{key}: {time.perf_counter() - section_started:,.1f} s")
     elapsed = time.perf_counter() - started
 

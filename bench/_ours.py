@@ -77,6 +77,39 @@ def steady(tb: ModuleType, n: int, cap: int, queue: int, producers: int) -> Timi
     return trio.run(main)
 
 
+def send_each(tb: ModuleType, n: int, cap: int) -> Timing:
+    """One submitter, ``n`` x ``await handle.send(noop)``, slots free; leave the block."""
+
+    async def main() -> Timing:
+        t0 = clock()
+        async with tb.open_background_runtime(_config(tb, queue=n, cap=cap)) as runtime:
+            handle = runtime.handle()
+            for _ in range(n):
+                await handle.send(noop)
+        elapsed = since(t0)
+        _check(runtime, n)
+        return elapsed
+
+    return trio.run(main)
+
+
+def spawn_then_checkpoint(tb: ModuleType, n: int, cap: int) -> Timing:
+    """The reference for `send_each`: ``handle.spawn(noop)`` and one bare checkpoint per job."""
+
+    async def main() -> Timing:
+        t0 = clock()
+        async with tb.open_background_runtime(_config(tb, queue=n, cap=cap)) as runtime:
+            handle = runtime.handle()
+            for _ in range(n):
+                handle.spawn(noop)
+                await trio.lowlevel.checkpoint()
+        elapsed = since(t0)
+        _check(runtime, n)
+        return elapsed
+
+    return trio.run(main)
+
+
 def latency(tb: ModuleType, samples: int, cap: int, load: int) -> list[float]:
     """Spawn -> first line of the job, with ``load`` of ``cap`` slots busy (see ``_peers``)."""
 

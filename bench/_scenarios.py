@@ -1,4 +1,4 @@
-"""The six scenarios of the benchmark. Each returns a `Section` (table, bars, raw data)."""
+"""The seven scenarios of the benchmark. Each returns a `Section` (table, bars, raw data)."""
 
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ class Sizes:
     drain: int
     instruments: int
     instrument_rounds: int
+    send: int
 
 
 FULL = Sizes(
@@ -64,6 +65,7 @@ FULL = Sizes(
     drain=10_000,
     instruments=20_000,
     instrument_rounds=21,
+    send=100_000,
 )
 
 # The same rounds, queue, submitters and load as FULL; fewer jobs and samples.
@@ -78,6 +80,7 @@ QUICK = replace(
     drain=5_000,
     instruments=5_000,
     instrument_rounds=11,
+    send=5_000,
 )
 
 
@@ -560,4 +563,62 @@ def instruments(
     section.bars.append(
         Bar(bar_label + " (CPU time)", f"{cost * 100:+.1f}%", "< 3.0%", cost < 0.03)
     )
+    return section
+
+
+# -- 7. send against spawn + checkpoint ---------------------------------------------------
+
+SEND = f"{OURS}: await handle.send(job)"
+SPAWN_CHECKPOINT = f"{OURS}: handle.spawn(job); await checkpoint()"
+SEND_BAR = "send costs <= 1.2x spawn + checkpoint (CPU per job)"
+
+
+def send(tb: ModuleType | None, sizes: Sizes) -> Section:
+    """What ``send`` costs over the ``spawn`` it performs plus the checkpoint it is.
+
+    One submitter, slots free enough that nothing ever waits (a job started by a
+    submission finishes at the next checkpoint, so at most a couple run at once and the
+    queue stays empty): ``await handle.send(noop)`` per job, against
+    ``handle.spawn(noop)`` followed by one bare ``await trio.lowlevel.checkpoint()``.
+    Both leave the block to drain. The ratio is taken per round on CPU time per job.
+    """
+    n = sizes.send
+    log(f"send: {n:,} jobs from one submitter, {sizes.rounds} rounds")
+    section = Section(
+        "send",
+        f"7. One submitter, nothing waits: {n:,} no-op jobs, {CAP} slots, queue {n:,} "
+        "(CPU time per job, lower is better)",
+        ["contender", "CPU per job", "CPU range", "wall per job", "vs spawn + checkpoint"],
+        data={"n": n, "rounds": sizes.rounds},
+    )
+    if tb is None:
+        section.notes.append("trio_background could not be imported: nothing to measure.")
+        section.bars.append(_ratio_bar(SEND_BAR, math.nan, 1.2, at_most=True))
+        return section
+    contenders: dict[str, Callable[[], Timing]] = {
+        SEND: lambda: ours.send_each(tb, n, CAP),
+        SPAWN_CHECKPOINT: lambda: ours.spawn_then_checkpoint(tb, n, CAP),
+    }
+    timings = interleave(contenders, sizes.rounds, label="send")
+    cpu = {name: [t.cpu / n for t in values] for name, values in timings.items()}
+    wall = {name: [t.wall / n for t in values] for name, values in timings.items()}
+    per_round = ratios(cpu[SEND], cpu[SPAWN_CHECKPOINT])
+    for name, values in cpu.items():
+        section.rows.append(
+            [
+                name,
+                f"{median(values) * 1e6:,.2f} us",
+                f"{min(values) * 1e6:,.2f} - {max(values) * 1e6:,.2f} us",
+                f"{median(wall[name]) * 1e6:,.2f} us",
+                fmt_ratio(median(ratios(values, cpu[SPAWN_CHECKPOINT]))),
+            ]
+        )
+    section.notes += [
+        "one submitting task; every job finishes at the submitter's next checkpoint, so "
+        "the queue stays empty and send never waits (both leave the block to drain)",
+        _ratio_note("per-round send / (spawn + checkpoint) (CPU)", per_round),
+        _ratio_note("the same from wall-clock time", ratios(wall[SEND], wall[SPAWN_CHECKPOINT])),
+    ]
+    section.data.update(cpu_per_job=cpu, wall_per_job=wall, ratios=per_round)
+    section.bars.append(_ratio_bar(SEND_BAR, median(per_round), 1.2, at_most=True))
     return section
