@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ._scenarios import Bar, Section
+from ._scenarios import QUEUED_JOB_BYTES, Bar, Section
 from ._util import median
 
 OURS_COLOR = "#d95f02"
@@ -137,7 +137,13 @@ def chart(path: Path, sections: dict[str, Section], subtitle: str) -> None:
             mem.data["pool_bytes_per_buffered_job"],
         ]
         ax.bar(labels, vals, color=[OURS_COLOR, PEER_COLOR, PEER_COLOR])
-        ax.axhline(512, color="red", linestyle="--", linewidth=1, label="bar: 512 B")
+        ax.axhline(
+            QUEUED_JOB_BYTES,
+            color="red",
+            linestyle="--",
+            linewidth=1,
+            label=f"bar: {QUEUED_JOB_BYTES} B",
+        )
         for x, v in enumerate(vals):
             ax.text(x, v, f"{v:,.0f} B", ha="center", va="bottom", fontsize=7)
         growth = mem.data["rejected_growth"]

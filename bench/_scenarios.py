@@ -27,6 +27,7 @@ from ._util import (
 )
 
 CAP = 128
+QUEUED_JOB_BYTES = 256  # the bar on traced bytes per queued job
 
 OURS = "trio_background"
 FLOOR = "hand-written floor"
@@ -368,9 +369,16 @@ def memory(tb: ModuleType | None, sizes: Sizes) -> Section:
     )
     measured = not math.isnan(per_job)
     section.bars.append(
-        Bar("<= 512 bytes per queued job", fmt_bytes(per_job), "<= 512 B", per_job <= 512)
+        Bar(
+            f"<= {QUEUED_JOB_BYTES} bytes per queued job",
+            fmt_bytes(per_job),
+            f"<= {QUEUED_JOB_BYTES} B",
+            per_job <= QUEUED_JOB_BYTES,
+        )
         if measured
-        else Bar("<= 512 bytes per queued job", "n/a", "<= 512 B", None)
+        else Bar(
+            f"<= {QUEUED_JOB_BYTES} bytes per queued job", "n/a", f"<= {QUEUED_JOB_BYTES} B", None
+        )
     )
     label = f"{r:,} rejected spawns grow memory < 1 MB"
     if r != 1_000_000:
