@@ -1,11 +1,12 @@
-"""``python -m bench``: the trio-background benchmark (issue 3).
+"""``python -m bench``: the trio-background benchmark.
 
 Usage::
 
-    python -m bench                 # full sizes of the issue (several minutes)
+    python -m bench                 # full sizes (several minutes)
     python -m bench --quick         # CI sizes, well under a minute
     python -m bench --update-docs   # also copy the chart to docs/_static/bench.png
-    python -m bench --only burst,memory
+    python -m bench --only burst,send --rounds 5
+    python -m bench --quick --strict  # exit 1 if a bar fails
 
 Everything runs in one process. Each scenario runs its contenders in interleaved
 rounds (the order rotates every round), reports medians, and computes ratios per
@@ -64,7 +65,7 @@ def _load() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
-        description="The trio-background benchmark (issue 3); see docs/performance.rst.",
+        description="The trio-background benchmark; see docs/performance.rst.",
     )
     parser.add_argument("--quick", action="store_true", help="small sizes for CI (< 60 s)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds per scenario (>= 3)")

@@ -46,7 +46,7 @@ def render_bars(bars: Sequence[Bar]) -> list[str]:
         for bar in bars
     ]
     return [
-        "Bars (issue 3)",
+        "Performance bars",
         *("  " + line for line in _table(["", "bar", "measured", "target"], rows)),
     ]
 

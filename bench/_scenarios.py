@@ -382,7 +382,7 @@ def memory(tb: ModuleType | None, sizes: Sizes) -> Section:
     )
     label = f"{r:,} rejected spawns grow memory < 1 MB"
     if r != 1_000_000:
-        label += " (issue: 1,000,000)"
+        label += " (full run: 1,000,000)"
     section.bars.append(
         Bar(label, fmt_bytes(growth), "< 1,000,000 B", growth < 1_000_000)
         if measured
