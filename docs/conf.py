@@ -42,6 +42,9 @@ nitpicky = True
 nitpick_ignore: list[tuple[str, str]] = [("py:class", "PosArgsT")]
 
 # -- autodoc / napoleon ------------------------------------------------------
+# trio_background.prometheus imports prometheus_client, an optional extra; the
+# docs build with only the ``docs`` extra installed, so autodoc imports it mocked.
+autodoc_mock_imports = ["prometheus_client"]
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 autodoc_typehints_description_target = "documented_params"
