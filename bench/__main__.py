@@ -191,11 +191,21 @@ def _replot(source: Path, out: Path, *, update_docs: bool) -> int:
     sections: dict[str, Section] = {}
     for key, raw in payload["sections"].items():
         data = raw["data"]
-        if key in ("burst", "steady", "instruments"):
-            data.setdefault("n", sizes["instruments" if key == "instruments" else key])
+        # Files written before every section recorded its own sizes: take them from "sizes".
+        data.setdefault("rounds", sizes["instrument_rounds" if key == "instruments" else "rounds"])
+        if key in ("burst", "steady", "instruments", "send"):
+            data.setdefault("n", sizes[key])
         if key == "steady":
             data.setdefault("producers", sizes["producers"])
             data.setdefault("queue", sizes["steady_queue"])
+        if key == "latency":
+            data.setdefault("samples", sizes["latency_samples"])
+            data.setdefault("load", sizes["latency_load"])
+        if key == "memory":
+            data.setdefault("queued", sizes["mem_queued"])
+        if key == "shutdown":
+            data.setdefault("n", sizes["drain"])
+            data.setdefault("idle_samples", sizes["idle_samples"])
         bars = [scenarios.Bar(**bar) for bar in raw["bars"]]
         sections[key] = Section(key, raw["title"], [], data=data, bars=bars)
     header = payload["header"]

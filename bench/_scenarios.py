@@ -255,7 +255,7 @@ def steady(tb: ModuleType | None, sizes: Sizes) -> Section:
         f"2. Steady state with backpressure: {n:,} jobs from {producers} submitting tasks, "
         f"{CAP} slots, queue {queue} (jobs/s, higher is better)",
         [*THROUGHPUT_COLUMNS, "each submitting task does"],
-        data={"n": n, "producers": producers, "queue": queue},
+        data={"n": n, "producers": producers, "queue": queue, "rounds": sizes.rounds},
     )
     how = {
         OURS: f"await handle.send(job), max_queue_size={queue}",
@@ -295,6 +295,7 @@ def latency(tb: ModuleType | None, sizes: Sizes) -> Section:
         f"({k:,} probes/round; lower is better)",
         ["contender", "p50", "p99", "p50 range", "p99 range"],
     )
+    section.data.update(samples=k, load=load, rounds=sizes.rounds)
     section.data["p50"] = {}
     section.data["p99"] = {}
     for name, rounds in samples.items():
@@ -361,6 +362,7 @@ def memory(tb: ModuleType | None, sizes: Sizes) -> Section:
         ],
     ]
     section.data.update(
+        queued=q,
         bytes_per_queued_job=per_job,
         rejected_growth=growth,
         rejections=r,
@@ -407,6 +409,7 @@ def shutdown(tb: ModuleType | None, sizes: Sizes) -> Section:
         idle[f"{OURS}: idle aclose()"] = lambda: ours.idle_aclose(tb, k)
     idle["reference: empty nursery exit"] = lambda: ours.nursery_exit(k)
     idle_samples = interleave(idle, sizes.rounds, label="idle aclose")
+    section.data.update(n=n, idle_samples=k, rounds=sizes.rounds)
     section.data["idle"] = {}
     for name, rounds in idle_samples.items():
         p50 = [percentile(s, 50) for s in rounds]
@@ -464,7 +467,7 @@ def instruments(
         "instruments",
         f"6. Instruments: burst of {n:,} no-op jobs (jobs/s, higher is better)",
         ["variant", "jobs/s (CPU)", "CPU range", "jobs/s (wall)", "vs stripped", "what"],
-        data={"n": n},
+        data={"n": n, "rounds": rounds},
     )
     bar_label = "instrument support costs < 3% with none installed"
     if tb is None:
