@@ -79,9 +79,23 @@ class _Stripper(ast.NodeTransformer):
         if not node.orelse and _mentions_instruments(node.test):
             self.removed.append(f"{self._function}(): if {ast.unparse(node.test)}: ...")
             return None
-        self.generic_visit(node)
-        if not node.body:
-            node.body = [ast.Pass()]
+        return self.generic_visit(node)
+
+    def generic_visit(self, node: ast.AST) -> ast.AST:
+        """Visit the children; a block left empty (a guard was all it held) gets ``pass``.
+
+        That covers every statement list, e.g. ``for x in xs: if hooks: ...`` becomes
+        ``for x in xs: pass`` (the loop itself is not instrument code: it stays).
+        """
+        emptiable = {
+            name
+            for name, value in ast.iter_fields(node)
+            if isinstance(value, list) and value and isinstance(value[0], ast.stmt)
+        }
+        super().generic_visit(node)
+        for name in emptiable:
+            if not getattr(node, name):
+                setattr(node, name, [ast.Pass()])
         return node
 
 
