@@ -596,11 +596,12 @@ async def test_instrument_raises(
     assert excinfo.value.cancelled == (meta("B"),)
     assert excinfo.value.dropped == (meta("D"),)
     # The well-behaved instrument saw every hook.
+    # job_started fires in the job's own task, when its code begins.
     assert good.calls[:7] == [
         ("accepted", "A", None, None),
-        ("started", "A", None, None),
         ("accepted", "B", None, None),
         ("rejected", "C", None, None),
+        ("started", "A", None, None),
         ("finished", "A", "completed", 1.0),
         ("started", "B", None, None),
         ("accepted", "D", None, None),

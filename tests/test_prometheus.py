@@ -102,7 +102,10 @@ async def test_jobs_move_from_queued_to_running_to_completed(
         handle.spawn(trio.sleep, 1.5, name="resize")
         handle.spawn(trio.sleep, 1, name="resize")
         handle.spawn(trio.sleep, 2, name="email")
-        # The first job took the only slot at once; the other two wait.
+        # The first job took the only slot at once and starts running (job_started) on
+        # its task's first step; the other two wait.
+        assert snapshot(registry, "resize") == expected(jobs_accepted_total=2, jobs_queued=2)
+        await trio.testing.wait_all_tasks_blocked()
         assert snapshot(registry, "resize") == expected(
             jobs_accepted_total=2, jobs_queued=1, jobs_running=1
         )
@@ -183,6 +186,7 @@ async def test_rejected_spawns_are_counted_by_name(
         with pytest.raises(QueueFullError):
             handle.spawn(trio.sleep, 1, name="thumbnail")
         assert runtime.statistics().rejected == 4
+        await trio.testing.wait_all_tasks_blocked()  # the first upload has started
         assert snapshot(registry, "upload") == expected(
             jobs_accepted_total=2, jobs_rejected_total=3, jobs_queued=1, jobs_running=1
         )
@@ -267,6 +271,7 @@ async def test_one_instrument_adds_up_several_runtimes(
         for _ in range(3):
             first.handle().spawn(trio.sleep, 1, name="job")
             second.handle().spawn(trio.sleep, 1, name="job")
+        await trio.testing.wait_all_tasks_blocked()  # each runtime's first job has started
         assert snapshot(registry, "job") == expected(
             jobs_accepted_total=6, jobs_queued=4, jobs_running=2
         )

@@ -169,6 +169,7 @@ class Model:
             max_queue_size=self.qmax,
             max_concurrent_tasks=self.cap,
             closed=self.closed,
+            accepted=len(self.jobs),
         )
 
     def idle(self) -> bool:

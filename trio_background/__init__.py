@@ -29,3 +29,16 @@ __all__ = [
     "__version__",
     "open_background_runtime",
 ]
+
+
+def _fixup_module_metadata() -> None:
+    # Public names report the package, not the private module that defines them (as
+    # trio does), in reprs, tracebacks and the docs.
+    for name in __all__:
+        obj = globals()[name]
+        if getattr(obj, "__module__", "").startswith("trio_background._"):
+            obj.__module__ = __name__
+
+
+_fixup_module_metadata()
+del _fixup_module_metadata

@@ -19,12 +19,8 @@ def _check_int(field: str, value: object, minimum: int) -> None:
         raise ValueError(f"{field} must be >= {minimum}, got {value!r}")
 
 
-class _TimeoutRangeError(ValueError, TypeError):
-    """A timeout that is a number but out of range (both ValueError and TypeError)."""
-
-
 def check_timeout(field: str, value: object, *, allow_none: bool, allow_zero: bool) -> None:
-    """Validate a timeout-like number, raising errors that name ``field``.
+    """Validate a timeout-like number of seconds, raising errors that name ``field``.
 
     Args:
         field: The argument's name, used in the message.
@@ -34,19 +30,25 @@ def check_timeout(field: str, value: object, *, allow_none: bool, allow_zero: bo
 
     Raises:
         TypeError: ``value`` is not a real number (`bool` is rejected).
-        ValueError: ``value`` is NaN or out of range.
+        ValueError: ``value`` is NaN, out of range, or an int too large for a float.
     """
     if value is None and allow_none:
         return
     if type(value) is bool or not isinstance(value, (int, float)):
         kind = "a number or None" if allow_none else "a number"
         raise TypeError(f"{field} must be {kind}, not {_type_name(value)}")
-    error = ValueError if field != "timeout" else _TimeoutRangeError
-    if math.isnan(value):
-        raise error(f"{field} must not be NaN")
-    if value < 0 or (value == 0 and not allow_zero):
+    try:
+        seconds = float(value)
+    except OverflowError:
+        raise ValueError(
+            f"{field} is too large for a number of seconds (it does not fit in a float); "
+            f"use math.inf for no limit"
+        ) from None
+    if math.isnan(seconds):
+        raise ValueError(f"{field} must not be NaN")
+    if seconds < 0 or (seconds == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
-        raise error(f"{field} must be {bound}, got {value!r}")
+        raise ValueError(f"{field} must be {bound}, got {value!r}")
 
 
 def _queue_size(_: Any, attribute: attrs.Attribute[int], value: int) -> None:

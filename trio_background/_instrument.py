@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Iterable
 from typing import Literal
 
 from ._config import BackgroundJobMetadata
-
-logger = logging.getLogger("trio_background")
+from ._log import emit
 
 #: How a job that started ended.
 Outcome = Literal["completed", "failed", "timed_out", "cancelled"]
@@ -66,38 +66,73 @@ class BackgroundInstrument:
         """
 
 
-class Instruments:
-    """The installed instruments, indexed by hook so absent hooks cost nothing."""
+class _Installed:
+    """One instrument as given, and whether it is still installed."""
 
-    __slots__ = ("hooks",)
+    __slots__ = ("alive", "instrument")
+
+    def __init__(self, instrument: object) -> None:
+        self.instrument = instrument
+        self.alive = True
+
+
+class Instruments:
+    """The installed instruments, indexed by hook so absent hooks cost nothing.
+
+    A hook that raises is logged once and its whole instrument is removed: every hook
+    of that object, whether it is a class instance or a bag of plain functions. A hook
+    raising `KeyboardInterrupt` is not removed: the exception is handed to
+    ``on_interrupt`` (the runtime then shuts down and re-raises it, as for a job).
+    """
+
+    __slots__ = ("hooks", "on_interrupt")
 
     def __init__(self, instruments: Iterable[object]) -> None:
-        #: For each hook name with at least one implementation, the bound methods.
-        self.hooks: dict[str, list[Callable[..., object]]] = {}
+        #: For each hook name with at least one implementation: (instrument, method) pairs.
+        self.hooks: dict[str, list[tuple[_Installed, Callable[..., object]]]] = {}
+        self.on_interrupt: Callable[[BaseException], None] = _reraise
         for instrument in instruments:
+            installed = _Installed(instrument)
             for hook in HOOKS:
                 method = getattr(instrument, hook, None)
                 if method is None or getattr(method, "__func__", None) is getattr(
                     BackgroundInstrument, hook
                 ):
                     continue
-                self.hooks.setdefault(hook, []).append(method)
+                self.hooks.setdefault(hook, []).append((installed, method))
 
     def call(self, hook: str, *args: object) -> None:
-        """Call ``hook`` on every instrument that has it, removing any that raises."""
-        # _remove() replaces the lists instead of changing them, so this loop is safe.
-        for method in self.hooks.get(hook, ()):
+        """Call ``hook`` on every installed instrument that has it, in the current context."""
+        # _remove() replaces the lists instead of changing them, so this loop is safe, and
+        # an instrument removed meanwhile (by a hook that re-entered the runtime) is skipped.
+        for installed, method in self.hooks.get(hook, ()):
+            if not installed.alive:
+                continue
             try:
                 method(*args)
-            except Exception:
-                instrument = getattr(method, "__self__", method)
-                logger.exception("instrument %r raised in %s; removing it", instrument, hook)
-                self._remove(instrument)
+            except KeyboardInterrupt as exc:
+                self.on_interrupt(exc)
+            except BaseException:
+                if installed.alive:
+                    self._remove(installed)
+                    emit(
+                        self.on_interrupt,
+                        logging.ERROR,
+                        "instrument %r raised in %s; removing it",
+                        installed.instrument,
+                        hook,
+                        exc_info=sys.exc_info()[1],
+                    )
 
-    def _remove(self, instrument: object) -> None:
+    def _remove(self, installed: _Installed) -> None:
+        installed.alive = False
         for hook in list(self.hooks):
-            methods = [m for m in self.hooks[hook] if getattr(m, "__self__", m) is not instrument]
+            methods = [pair for pair in self.hooks[hook] if pair[0] is not installed]
             if methods:
                 self.hooks[hook] = methods
             else:
                 del self.hooks[hook]
+
+
+def _reraise(exc: BaseException) -> None:
+    raise exc

@@ -1,25 +1,81 @@
-"""The runtime: a bounded queue in front of a fixed number of job slots."""
+"""The runtime: a bounded queue in front of a fixed number of job slots.
+
+How it works, and why
+=====================
+
+Every job is a record (`Job`) that moves through ``queued -> running -> <outcome>``
+(or ``queued -> dropped``). Three things must hold at every instant, even inside an
+instrument hook, a log handler, or under Ctrl-C:
+
+1. **Every counter moves with the state it describes.** A job changes state, and its
+   counters change with it, in one stretch of synchronous, KI-protected code with no
+   user code in it (no hook, no log call, no job code). User code runs only after the
+   bookkeeping is complete, so a hook that reads `BackgroundRuntime.statistics` sees
+   numbers that add up, and a hook or log handler that raises cannot leave a slot
+   taken or a job stranded: its error is dealt with after the fact (an instrument is
+   removed; a KeyboardInterrupt shuts the runtime down, as one raised by a job does).
+
+2. **A freed slot is handed on at once.** When a job ends, the same synchronous step
+   that counts its outcome releases its `trio.CapacityLimiter` token, takes the next
+   job out of the memory channel (the queue), borrows the token on that job's behalf
+   and starts a Trio task for it; a ``send()`` waiting for room is accepted into the
+   place the queue just gained. Nothing else can run in between, so a job never waits
+   while a slot is free, and jobs take slots in acceptance order.
+
+3. **A job is a Trio task of its own.** Each job runs in a new task started in a copy
+   of the context its submitter had when it called ``spawn``/``send``. Its log records
+   and its hooks run in that context too: in the job's own task once it runs, in a copy
+   of the captured context before that. No contextvar, cancel scope or other per-task
+   state of one job can reach another. (Handing a finished job's *task* to the next
+   job saves the cost of a task start, but that cannot be made invisible to Trio code:
+   a held `trio.Lock`, `trio.lowlevel.current_task`, a leaked cancel scope.)
+
+A job that holds a slot but whose task has not run yet is ``running`` without having
+begun. If the runtime is cut off in that window, the job's code never runs: its task
+finds the cut-off on its first step and counts the job ``dropped``.
+
+Cancellation: the jobs' nursery lives in a task of its own under a shielded cancel
+scope, so nothing but the runtime cancels a job: a cancellation of the ``async with``
+from outside reaches the body, which cuts the runtime off. The cut-off cancels the
+jobs' nursery; a job's timeout is its own `trio.move_on_after`. So a `trio.Cancelled`
+in whatever shape a job's nurseries give it (bare, or inside exception groups, mixed
+with errors raised during cleanup) is the runtime's own exactly when the runtime was
+cut off or the job's timeout expired; any other `trio.Cancelled` is the job's own
+failure.
+"""
 
 from __future__ import annotations
 
 import contextvars
-import functools
 import logging
 import math
 import sys
 import threading
-import types
-from collections import OrderedDict
-from collections.abc import Coroutine, Generator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, final
+from typing import TYPE_CHECKING, NoReturn, final
 
 import trio
 from trio.lowlevel import enable_ki_protection
 
-from ._config import BackgroundJobMetadata, BackgroundTaskConfig, check_timeout
-from ._exceptions import BackgroundShutdownError, QueueFullError, RuntimeClosedError
+from ._admission import Admission
+from ._config import BackgroundTaskConfig
+from ._exceptions import QueueFullError, RuntimeClosedError
 from ._instrument import Instruments, Outcome
+from ._job import (
+    CANCELLED,
+    COMPLETED,
+    DROPPED,
+    FAILED,
+    RUNNING,
+    TIMED_OUT,
+    Job,
+    call_job,
+    is_fatal,
+    make_job,
+    split_cancelled,
+)
+from ._log import emit_job
+from ._shutdown import Phase, Shutdown
 from ._statistics import BackgroundStatistics
 
 if sys.version_info < (3, 11):  # pragma: no cover
@@ -28,342 +84,326 @@ if sys.version_info < (3, 11):  # pragma: no cover
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
     from contextlib import AbstractAsyncContextManager
+    from types import TracebackType
 
     from typing_extensions import TypeVarTuple, Unpack
 
+    from ._config import BackgroundJobMetadata
+
     PosArgsT = TypeVarTuple("PosArgsT")
 
-logger = logging.getLogger("trio_background")
-
-_CoroutineType = types.CoroutineType
+_TASK_NAME = "trio_background job"
 
 
-def _name_of(fn: object) -> str:
-    while isinstance(fn, functools.partial):
-        fn = fn.func
-    name = getattr(fn, "__qualname__", None)
-    if isinstance(name, str):
-        return name
-    return type(fn).__qualname__
+def _start_soon(nursery: trio.Nursery, run: Callable[[Job], Awaitable[None]], job: Job) -> None:
+    nursery.start_soon(run, job, name=_TASK_NAME)
 
 
-def _log_job(level: int, job: _Job, what: str, *, exc_info: bool = False) -> None:
-    """Log ``background job '<name>' <what>`` with the job_name/request_id record attributes."""
-    meta = job.metadata()
-    logger.log(
-        level,
-        "background job %r %s",
-        meta.name,
-        what,
-        exc_info=exc_info,
-        extra={"job_name": meta.name, "request_id": meta.request_id},
-    )
-
-
-class _Job:
-    """One accepted (or about to be accepted) job: what to call and how to report it."""
+class _Runtime:
+    """What a runtime and its handles share: admission, the outcomes, shutdown."""
 
     __slots__ = (
-        "_metadata",
-        "args",
-        "context",
-        "fn",
-        "name",
-        "request_id",
-        "seq",
-        "started_at",
-        "timeout",
+        "admission",
+        "cancelled",
+        "completed",
+        "config",
+        "dropped",
+        "failed",
+        "fatal",
+        "instruments",
+        "jobs_nursery",
+        "outer_scope",
+        "shutdown",
+        "thread",
+        "timed_out",
     )
-
-    def __init__(
-        self,
-        fn: Callable[..., object],
-        args: tuple[object, ...],
-        name: str | None,
-        request_id: str | None,
-        timeout: float | None,
-    ) -> None:
-        self.fn = fn
-        self.args = args
-        self.name = name
-        self.request_id = request_id
-        self.timeout = timeout
-        # Set only for jobs that wait (in the queue or in send()): the submitter's context.
-        self.context: contextvars.Context | None = None
-        # Acceptance order, from 1; 0 means "not accepted (yet)".
-        self.seq = 0
-        self.started_at = 0.0
-        self._metadata: BackgroundJobMetadata | None = None
-
-    def metadata(self) -> BackgroundJobMetadata:
-        if self._metadata is None:
-            name = self.name if self.name is not None else _name_of(self.fn)
-            self._metadata = BackgroundJobMetadata(name, self.request_id)
-        return self._metadata
-
-
-class _RuntimeState:
-    """Everything a runtime and its handles share.
-
-    Jobs wait in a bounded trio memory channel and run while holding a token of
-    a `trio.CapacityLimiter`. Only the ``*_nowait`` operations of both are used,
-    from synchronous code, so every counter moves atomically with the state it
-    describes: a job that ends hands its slot (and its task) to the next queued
-    job before anything else can run.
-    """
 
     def __init__(self, config: BackgroundTaskConfig, instruments: Instruments) -> None:
         self.config = config
         self.instruments = instruments
-        self.thread = threading.get_ident()
-        self.max_queue_size = config.max_queue_size
-        self.max_concurrent_tasks = config.max_concurrent_tasks
-        self.job_timeout = config.job_timeout
-        # The queue. Its buffer holds exactly `queued` jobs: nobody ever blocks on it.
-        self.send_channel, self.receive_channel = trio.open_memory_channel[_Job](
-            config.max_queue_size
-        )
-        # The slots: one token per running job, borrowed on the job's behalf.
-        self.limiter = trio.CapacityLimiter(config.max_concurrent_tasks)
-        # Tasks blocked in send(), in arrival order, with the job each wants to submit.
-        self.send_waiters: OrderedDict[trio.lowlevel.Task, _Job] = OrderedDict()
-        self.idle_lot = trio.lowlevel.ParkingLot()
-        self.done = trio.Event()
-        self.jobs_nursery: trio.Nursery | None = None
-        self.queued = 0
+        instruments.on_interrupt = self.interrupted
+        self.admission = Admission(config.max_queue_size, config.max_concurrent_tasks)
+        self.shutdown = Shutdown()
         self.completed = 0
         self.failed = 0
         self.timed_out = 0
         self.cancelled = 0
         self.dropped = 0
-        self.rejected = 0
-        self.last_seq = 0
-        self.closed = False
-        self.closing = False
-        self.cutting_off = False
-        self.cut_cancelled: list[_Job] = []
-        self.cut_dropped: list[_Job] = []
+        #: The thread that entered the block; set on entry.
+        self.thread: int | None = None
+        self.jobs_nursery: trio.Nursery | None = None
+        #: The cancel scope of the block's own nursery: cancelling it interrupts the body.
+        self.outer_scope: trio.CancelScope | None = None
+        #: KeyboardInterrupt/SystemExit raised by jobs or hooks, to re-raise from the block.
+        self.fatal: list[BaseException] = []
 
-    # -- submission ---------------------------------------------------------------
+    # -- submission -------------------------------------------------------------------
 
     def make_job(
         self,
         method: str,
         fn: object,
         args: tuple[object, ...],
-        name: str | None,
-        request_id: str | None,
-        timeout: float | None,
-    ) -> _Job:
+        name: object,
+        request_id: object,
+        timeout: object,
+    ) -> Job:
         if threading.get_ident() != self.thread:
             raise RuntimeError(
                 f"{method}() must be called from the runtime's Trio thread; from another "
                 f"thread use trio.from_thread.run_sync(handle.{method}, ...)"
             )
-        if not callable(fn):
-            if isinstance(fn, Coroutine):
-                raise TypeError(
-                    f"{method}() expects an async function, not a coroutine object: pass the "
-                    f"function and its arguments separately, e.g. {method}(fn, arg) instead "
-                    f"of {method}(fn(arg))"
-                )
-            raise TypeError(f"{method}() expects an async function, not {type(fn).__name__}")
-        if name is not None and not isinstance(name, str):
-            raise TypeError(f"name must be a str or None, not {type(name).__name__}")
-        if request_id is not None and not isinstance(request_id, str):
-            raise TypeError(f"request_id must be a str or None, not {type(request_id).__name__}")
-        if timeout is None:
-            timeout = self.job_timeout
-        else:
-            check_timeout("timeout", timeout, allow_none=True, allow_zero=False)
-        return _Job(fn, args, name, request_id, timeout)
+        return make_job(method, fn, args, name, request_id, timeout, self.config.job_timeout)
 
-    # Instrument hooks are called only once the state they describe is complete, so a
-    # hook that reads statistics() sees counters that add up.
+    def try_accept(self, job: Job) -> bool:
+        """Start ``job`` or queue it; False when it can neither start nor wait.
 
-    def try_accept(self, job: _Job) -> bool:
-        """Start ``job`` or queue it; False when every slot is busy and the queue is full."""
-        if self.closed:
+        Atomic: if this raises, nothing was accepted, counted or taken.
+        """
+        if not self.shutdown.accepting:
             raise RuntimeClosedError
-        if not self.queued and self.limiter.borrowed_tokens < self.max_concurrent_tasks:
-            self._accept(job)
-            # start_soon copies the current context: the submitter's.
-            self._start(job)
-            if self.instruments.hooks:
-                self._report_accepted(job)
-                self._report_started(job)
-        elif self.queued < self.max_queue_size:
+        admission = self.admission
+        if admission.slot_free():
+            self.start(job)  # raises before anything is counted
+            admission.accept(job)
+        elif admission.room():
             job.context = contextvars.copy_context()
-            self._accept(job)
-            self._enqueue(job)
-            if self.instruments.hooks:
-                self._report_accepted(job)
+            admission.enqueue(job)
+            admission.accept(job)
         else:
             return False
+        if "job_accepted" in self.instruments.hooks:
+            self.in_context(job, self.instruments.call, "job_accepted", job.metadata())
         return True
 
     @enable_ki_protection
-    def spawn(self, job: _Job) -> None:
+    def spawn(self, job: Job) -> None:
         if not self.try_accept(job):
-            self.rejected += 1
-            if self.instruments.hooks:
-                self.instruments.call("job_rejected", job.metadata())
+            self.admission.rejected += 1
+            if "job_rejected" in self.instruments.hooks:
+                contextvars.copy_context().run(
+                    self.instruments.call, "job_rejected", job.metadata()
+                )
             raise QueueFullError
 
     @enable_ki_protection
-    async def send(self, job: _Job) -> None:
+    async def send(self, job: Job) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
         if self.try_accept(job):
             await trio.lowlevel.cancel_shielded_checkpoint()
             return
         job.context = contextvars.copy_context()
         task = trio.lowlevel.current_task()
-        self.send_waiters[task] = job
+        waiters = self.admission.waiters
+        waiters[task] = job
 
         def abort_fn(_: object) -> trio.lowlevel.Abort:
-            del self.send_waiters[task]
+            del waiters[task]
             return trio.lowlevel.Abort.SUCCEEDED
 
         await trio.lowlevel.wait_task_rescheduled(abort_fn)
         if not job.seq:
             raise RuntimeClosedError
 
-    def _accept(self, job: _Job) -> None:
-        self.last_seq += 1
-        job.seq = self.last_seq
+    def in_context(self, job: Job, fn: Callable[..., object], *args: object) -> None:
+        """Call ``fn`` for a job that is not running, in a copy of the job's context."""
+        context = job.context
+        if context is None:
+            fn(*args)
+        else:
+            context.copy().run(fn, *args)
 
-    def _enqueue(self, job: _Job) -> None:
-        self.send_channel.send_nowait(job)
-        self.queued += 1
+    # -- running ----------------------------------------------------------------------
 
-    def _admit_waiter(self) -> _Job:
-        """Accept the longest-waiting send(); its task wakes up and returns."""
-        task, job = self.send_waiters.popitem(last=False)
-        self._accept(job)
-        trio.lowlevel.reschedule(task)
-        return job
+    def start(self, job: Job) -> None:
+        """Give ``job`` a slot (one must be free) and start its task, or raise and take none."""
+        context = job.context
+        if context is None:
+            context = job.context = contextvars.copy_context()
+        nursery = self.jobs_nursery
+        assert nursery is not None
+        limiter = self.admission.limiter
+        limiter.acquire_on_behalf_of_nowait(job)
+        try:
+            context.run(_start_soon, nursery, self.run, job)
+        except BaseException:
+            limiter.release_on_behalf_of(job)
+            raise
+        job.status = RUNNING
 
-    def _report_accepted(self, job: _Job) -> None:
-        if "job_accepted" in self.instruments.hooks:
-            self.instruments.call("job_accepted", job.metadata())
-
-    def _report_started(self, job: _Job) -> None:
+    @enable_ki_protection
+    async def run(self, job: Job) -> None:
+        """The body of a job's task: run it (unless cut off first), then account for it."""
+        if job.status != RUNNING:
+            return
+        if self.shutdown.phase is Phase.CUT_OFF:
+            self.drop_unstarted(job)
+            return
+        job.begun = True
         job.started_at = trio.current_time()
         if "job_started" in self.instruments.hooks:
             self.instruments.call("job_started", job.metadata())
-
-    # -- running --------------------------------------------------------------------
-
-    def _start(self, job: _Job) -> None:
-        """Give ``job`` a slot (one must be free) and start a worker task for it."""
-        assert self.jobs_nursery is not None
-        self.limiter.acquire_on_behalf_of_nowait(job)
-        self.jobs_nursery.start_soon(self._work, job, name="trio_background worker")
-
-    async def _work(self, job: _Job | None) -> None:
-        """Run ``job``, then each job its slot is handed, until the queue is empty.
-
-        Reusing the task saves spawning one per job. A job that waited was given a
-        copy of its submitter's context; it is called and stepped inside that copy
-        (see `_in_context`), so it sees exactly what a task of its own would.
-        """
-        while job is not None:
-            outcome: Outcome = "completed"
-            culprit = False
-            context = job.context
-            try:
-                coro = job.fn(*job.args) if context is None else context.run(job.fn, *job.args)
-                if type(coro) is not _CoroutineType and not isinstance(coro, Coroutine):
-                    raise TypeError(
-                        f"background job {job.metadata().name!r} did not return a coroutine "
-                        f"(got {type(coro).__name__}): jobs must be async functions"
-                    )
-                if context is not None:
-                    coro = _in_context(context, coro)
-                if job.timeout is None:
-                    await coro
-                else:
-                    with trio.move_on_after(job.timeout) as scope:
-                        await coro
-                    # Past its deadline, even if it shielded itself or swallowed Cancelled.
-                    if scope.cancel_called:
-                        outcome = "timed_out"
-                        _log_job(logging.WARNING, job, f"timed out after {job.timeout:g} seconds")
-            except Exception:
-                outcome = "failed"
-                _log_job(logging.ERROR, job, "failed", exc_info=True)
-            except BaseException as exc:
-                if not isinstance(exc, trio.Cancelled):
-                    outcome = "failed"
-                    culprit = True
-                self.cut_off()
-                raise
-            finally:
-                following = self._finish(job, outcome, culprit)
-            job = following
-            if job is not None:
-                # Let other tasks run between jobs, as a new task per job would.
-                await trio.lowlevel.cancel_shielded_checkpoint()
+        error: BaseException | None = None
+        timed_out = False
+        try:
+            if job.timeout is None:
+                await call_job(job)
+            else:
+                with trio.move_on_after(job.timeout) as scope:
+                    try:
+                        await call_job(job)
+                    finally:
+                        # Past its deadline, even if it shielded itself or swallowed Cancelled.
+                        timed_out = scope.cancel_called
+        except BaseException as exc:
+            error = exc
+        try:
+            self.finish(job, error, timed_out)
+        finally:
+            del error  # no cycle through this frame's traceback
 
     @enable_ki_protection
-    def _finish(self, job: _Job, outcome: Outcome, culprit: bool) -> _Job | None:
-        """Count how ``job`` ended and hand its slot to the next job, if any."""
-        if self.cutting_off and not culprit:
+    def finish(self, job: Job, error: BaseException | None, timed_out: bool) -> None:
+        """Count how ``job`` ended, hand its slot on, then log and report it."""
+        rest = None if error is None else split_cancelled(error)[1]
+        fatal = rest if rest is not None and is_fatal(rest) else None
+        outcome: Outcome
+        if fatal is not None:
+            outcome = "failed"
+        elif self.shutdown.phase is Phase.CUT_OFF:
             outcome = "cancelled"
-            self.cut_cancelled.append(job)
-            _log_job(logging.WARNING, job, "cancelled at shutdown")
+            self.shutdown.cancelled.append((job.seq, job.metadata()))
+        elif timed_out:
+            outcome = "timed_out"
+        elif error is None:
+            outcome = "completed"
+        else:
+            outcome = "failed"
+        # An error raised while the runtime cancelled the job: logged, not its outcome.
+        cleanup = rest if outcome == "cancelled" or outcome == "timed_out" else None
+        self.count(job, outcome)
+        dropped: list[Job] = []
+        if fatal is not None:  # cut off first: no queued job may take this slot
+            self.note_fatal(fatal)
+            dropped = self.cut_off_state()
+        failed_to_start, admitted = self.hand_off(job)
+        # -- the state is complete; now the user code: log handlers, hooks ----------
+        meta = job.metadata()
+        if outcome == "failed" and fatal is None:
+            assert error is not None
+            self.log_error(meta, "failed", error)
+        elif outcome == "timed_out":
+            self.log_warning(meta, f"timed out after {job.timeout:g} seconds")
+        elif outcome == "cancelled":
+            self.log_warning(meta, "cancelled at shutdown")
+        if cleanup is not None:
+            self.log_error(meta, "raised an error while being cancelled", cleanup)
+        hooks = self.instruments.hooks
+        # The counters already include the jobs of waiting send()s accepted just now.
+        if "job_accepted" in hooks:
+            for other in admitted:
+                self.in_context(other, self.instruments.call, "job_accepted", other.metadata())
+        if "job_finished" in hooks:
+            duration = trio.current_time() - job.started_at
+            self.instruments.call("job_finished", meta, outcome, duration)
+        for other, exc in failed_to_start:
+            self.report_start_failure(other, exc)
+        for other in dropped:
+            self.report_dropped(other)
+
+    def count(self, job: Job, outcome: Outcome) -> None:
         if outcome == "completed":
             self.completed += 1
+            job.status = COMPLETED
         elif outcome == "failed":
             self.failed += 1
+            job.status = FAILED
         elif outcome == "timed_out":
             self.timed_out += 1
+            job.status = TIMED_OUT
         else:
             self.cancelled += 1
-        self.limiter.release_on_behalf_of(job)
-        following: _Job | None = None
-        admitted: _Job | None = None  # a waiting send() whose job was just accepted
-        if self.cutting_off:
-            pass  # nothing starts after a cut-off
-        elif self.queued:
-            following = self.receive_channel.receive_nowait()
-            self.queued -= 1
-            if self.send_waiters:
-                admitted = self._admit_waiter()
-                self._enqueue(admitted)
-        elif self.send_waiters:  # only with max_queue_size == 0: straight to the slot
-            following = admitted = self._admit_waiter()
-        if following is not None:
-            self.limiter.acquire_on_behalf_of_nowait(following)
-        elif self.is_idle():
-            self._on_idle()
-        if self.instruments.hooks:
-            # The counters already include the admitted job: report its acceptance first.
-            if admitted is not None:
-                self._report_accepted(admitted)
-            if "job_finished" in self.instruments.hooks:
-                duration = trio.current_time() - job.started_at
-                self.instruments.call("job_finished", job.metadata(), outcome, duration)
-            if following is not None:
-                self._report_started(following)
-        return following
+            job.status = CANCELLED
 
-    # -- idleness and shutdown ------------------------------------------------------
+    def hand_off(self, job: Job) -> tuple[list[tuple[Job, BaseException]], list[Job]]:
+        """Release ``job``'s slot and fill every free slot from the queue.
 
-    def is_idle(self) -> bool:
-        return not self.queued and not self.limiter.borrowed_tokens
+        Returns the jobs whose task could not be started (now counted failed) and the
+        jobs of waiting ``send()`` calls that were just accepted.
+        """
+        admission = self.admission
+        admission.limiter.release_on_behalf_of(job)
+        failed_to_start: list[tuple[Job, BaseException]] = []
+        admitted: list[Job] = []
+        if self.shutdown.phase is not Phase.CUT_OFF:
+            while admission.limiter.borrowed_tokens < admission.max_concurrent_tasks:
+                if admission.queued:
+                    following = admission.dequeue()
+                    if admission.waiters:
+                        waiter_job = admission.admit_waiter()
+                        admission.enqueue(waiter_job)
+                        admitted.append(waiter_job)
+                elif admission.waiters:  # only with max_queue_size == 0: straight to a slot
+                    following = admission.admit_waiter()
+                    admitted.append(following)
+                else:
+                    break
+                try:
+                    self.start(following)
+                except BaseException as exc:  # e.g. MemoryError: the job fails, counted
+                    self.failed += 1
+                    following.status = FAILED
+                    failed_to_start.append((following, exc))
+        if admission.is_idle():
+            self.shutdown.became_idle()
+        return failed_to_start, admitted
 
-    def _on_idle(self) -> None:
-        self.idle_lot.unpark_all()
-        if self.closed:
-            self.done.set()
+    def report_start_failure(self, job: Job, exc: BaseException) -> None:
+        meta = job.metadata()
+        what = "failed: its task could not be started"
+        self.in_context(job, self.log_error, meta, what, exc)
+        hooks = self.instruments.hooks
+        if "job_started" in hooks:
+            self.in_context(job, self.instruments.call, "job_started", meta)
+        if "job_finished" in hooks:
+            self.in_context(job, self.instruments.call, "job_finished", meta, "failed", 0.0)
+        job.release()
+        if not isinstance(exc, Exception):
+            self.interrupted(exc)
+
+    def log_error(self, meta: BackgroundJobMetadata, what: str, exc: BaseException) -> None:
+        emit_job(self.interrupted, logging.ERROR, meta, what, exc_info=exc)
+
+    def log_warning(self, meta: BackgroundJobMetadata, what: str) -> None:
+        emit_job(self.interrupted, logging.WARNING, meta, what)
+
+    @enable_ki_protection
+    def drop_unstarted(self, job: Job) -> None:
+        """Count a job that was given a slot but whose code never ran as dropped."""
+        admission = self.admission
+        admission.limiter.release_on_behalf_of(job)
+        self.dropped += 1
+        job.status = DROPPED
+        self.shutdown.dropped.append((job.seq, job.metadata()))
+        if admission.is_idle():
+            self.shutdown.became_idle()
+        self.report_dropped(job)
+
+    def report_dropped(self, job: Job) -> None:
+        meta = job.metadata()
+        self.in_context(job, self.log_warning, meta, "dropped at shutdown without starting")
+        if "job_dropped" in self.instruments.hooks:
+            self.in_context(job, self.instruments.call, "job_dropped", meta)
+        job.release()
+
+    # -- idleness and shutdown --------------------------------------------------------
 
     async def wait_idle(self) -> None:
-        if self.is_idle():
+        if self.admission.is_idle():
             await trio.lowlevel.checkpoint()
-            return
-        while not self.is_idle():
-            await self.idle_lot.park()
+        else:
+            # Woken at the first idle instant; no re-check, which new work could defeat.
+            await self.shutdown.idle_lot.park()
 
     def check_not_in_job(self, method: str) -> None:
         nursery = self.jobs_nursery
@@ -379,122 +419,114 @@ class _RuntimeState:
                 )
             task = parent.parent_task
 
-    @enable_ki_protection
     def close_intake(self) -> None:
         """Refuse new jobs from now on and wake every waiting send() with an error."""
-        if self.closed:
+        shutdown = self.shutdown
+        if shutdown.phase is not Phase.OPEN:
             return
-        self.closed = True
-        self.send_channel.close()
-        waiters = list(self.send_waiters)
-        self.send_waiters.clear()
-        for task in waiters:
-            trio.lowlevel.reschedule(task)  # it finds its job unaccepted and raises
-        if self.is_idle():
-            self._on_idle()
+        shutdown.phase = Phase.DRAINING
+        self.admission.refuse_waiters()
+        if self.admission.is_idle():
+            shutdown.became_idle()
 
     @enable_ki_protection
     def cut_off(self) -> None:
         """Cancel every running job and drop every queued one, at once."""
+        for job in self.cut_off_state():
+            self.report_dropped(job)
+
+    def cut_off_state(self) -> list[Job]:
+        """The bookkeeping of `cut_off`; returns the dropped jobs, not yet reported."""
+        shutdown = self.shutdown
+        if shutdown.phase is Phase.CUT_OFF or shutdown.phase is Phase.CLOSED:
+            return []
         self.close_intake()
-        if self.cutting_off:
-            return
-        self.cutting_off = True
-        while self.queued:
-            job = self.receive_channel.receive_nowait()
-            self.queued -= 1
+        if self.admission.is_idle():  # close_intake() ended it: nothing to cut
+            return []
+        shutdown.phase = Phase.CUT_OFF
+        admission = self.admission
+        dropped: list[Job] = []
+        while admission.queued:
+            job = admission.dequeue()
             self.dropped += 1
-            self.cut_dropped.append(job)
-            _log_job(logging.WARNING, job, "dropped at shutdown without starting")
-            if "job_dropped" in self.instruments.hooks:
-                self.instruments.call("job_dropped", job.metadata())
+            job.status = DROPPED
+            shutdown.dropped.append((job.seq, job.metadata()))
+            dropped.append(job)
         if self.jobs_nursery is not None:
             self.jobs_nursery.cancel_scope.cancel()
-        if self.is_idle():
-            self._on_idle()
+        if admission.is_idle():
+            shutdown.became_idle()
+        return dropped
 
-    async def _cut_off_and_wait(self) -> None:
+    @enable_ki_protection
+    def interrupted(self, exc: BaseException) -> None:
+        """A job or a hook raised KeyboardInterrupt (or SystemExit): shut everything down.
+
+        The exception leaves the ``async with`` block once every job has unwound.
+        """
+        self.note_fatal(exc)
+        self.cut_off()
+
+    def note_fatal(self, exc: BaseException) -> None:
+        if not any(exc is seen for seen in self.fatal):
+            self.fatal.append(exc)
+        if self.outer_scope is not None:
+            self.outer_scope.cancel()
+
+    async def cut_off_and_wait(self) -> None:
         """Cut off, then wait for the cancelled jobs to unwind, so that nothing runs after."""
         self.cut_off()
         with trio.CancelScope(shield=True):
-            await self.wait_idle()
+            await self.shutdown.done.wait()
 
     async def aclose(self) -> None:
         self.check_not_in_job("aclose")
+        shutdown = self.shutdown
         # Only the first call drains against the deadline; later ones wait for it.
-        first = not (self.closing or self.cutting_off)
-        self.closing = True
+        first = shutdown.phase is Phase.OPEN
         self.close_intake()
         try:
             with trio.move_on_after(self.config.drain_timeout if first else math.inf):
-                await self.done.wait()
+                await shutdown.done.wait()
         except BaseException:
-            await self._cut_off_and_wait()
+            await self.cut_off_and_wait()
             raise
-        if self.done.is_set():
+        if shutdown.done.is_set():
             return
         # The deadline passed. If something else already cut off (the body raised, a job
         # raised KeyboardInterrupt), that path reports; otherwise this call does.
-        by_us = not self.cutting_off
-        await self._cut_off_and_wait()
-        if not by_us:
-            return
-        cancelled = tuple(job.metadata() for job in sorted(self.cut_cancelled, key=_seq))
-        dropped = tuple(job.metadata() for job in self.cut_dropped)
-        raise BackgroundShutdownError(
-            f"drain timed out after {self.config.drain_timeout} seconds: "
-            f"{len(cancelled)} running job(s) cancelled, {len(dropped)} queued job(s) dropped",
-            cancelled=cancelled,
-            dropped=dropped,
-            statistics=self.statistics(),
-        )
+        by_us = shutdown.phase is Phase.DRAINING
+        shutdown.reporter = shutdown.reporter or by_us
+        await self.cut_off_and_wait()
+        if by_us:
+            error = shutdown.report(self.config.drain_timeout, self.statistics())
+            if error is not None:
+                raise error
 
     def statistics(self) -> BackgroundStatistics:
+        admission = self.admission
         return BackgroundStatistics(
-            queued=self.queued,
-            running=self.limiter.borrowed_tokens,
+            queued=admission.queued,
+            running=admission.limiter.borrowed_tokens,
             completed=self.completed,
             failed=self.failed,
             timed_out=self.timed_out,
             cancelled=self.cancelled,
             dropped=self.dropped,
-            rejected=self.rejected,
-            max_queue_size=self.max_queue_size,
-            max_concurrent_tasks=self.max_concurrent_tasks,
-            closed=self.closed,
+            rejected=admission.rejected,
+            max_queue_size=admission.max_queue_size,
+            max_concurrent_tasks=admission.max_concurrent_tasks,
+            closed=self.shutdown.phase is not Phase.OPEN,
+            accepted=admission.accepted,
         )
 
     async def host_jobs(self, *, task_status: trio.TaskStatus[None]) -> None:
-        """Own the nursery the jobs run in, until it is cancelled."""
-        async with trio.open_nursery() as nursery:
-            self.jobs_nursery = nursery
-            task_status.started()
-            await trio.sleep_forever()
-
-
-@types.coroutine
-def _in_context(
-    context: contextvars.Context, coro: Coroutine[object, object, object]
-) -> Generator[object, object, object]:
-    """Drive ``coro`` with each of its steps run inside ``context``."""
-    run = context.run
-    send = coro.send
-    value: object = None
-    error: BaseException | None = None
-    while True:
-        try:
-            yielded = run(send, value) if error is None else run(coro.throw, error)
-        except StopIteration as stop:
-            return stop.value
-        error = None
-        try:
-            value = yield yielded
-        except BaseException as exc:
-            error = exc
-
-
-def _seq(job: _Job) -> int:
-    return job.seq
+        """Own the nursery the jobs run in, shielded: only the runtime cancels jobs."""
+        with trio.CancelScope(shield=True):
+            async with trio.open_nursery() as nursery:
+                self.jobs_nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
 
 
 @final
@@ -506,10 +538,10 @@ class BackgroundHandle:
     thread, use ``trio.from_thread.run_sync(handle.spawn, ...)``).
     """
 
-    __slots__ = ("_state",)
+    __slots__ = ("_runtime",)
 
-    def __init__(self, state: _RuntimeState) -> None:
-        self._state = state
+    def __init__(self, runtime: _Runtime) -> None:
+        self._runtime = runtime
 
     def spawn(
         self,
@@ -521,10 +553,10 @@ class BackgroundHandle:
     ) -> None:
         """Submit ``async_fn(*args)`` as a job, without waiting.
 
-        If a slot is free and nothing is queued, the job starts at once (it
-        counts as running); otherwise it joins the queue. The coroutine is
-        created only when the job starts, in a copy of the caller's
-        `contextvars` context.
+        If a slot is free and nothing is queued, the job takes the slot at once
+        (it counts as running); otherwise it joins the queue. The coroutine is
+        created only when the job starts, in its own task, in a copy of the
+        caller's `contextvars` context. If this raises, nothing was accepted.
 
         Args:
             async_fn: The async function to run. Pass the function, not a coroutine.
@@ -539,13 +571,14 @@ class BackgroundHandle:
             QueueFullError: Every slot is busy and the queue is full (counted in
                 `BackgroundStatistics.rejected`).
             RuntimeClosedError: Shutdown has begun.
-            TypeError: ``async_fn`` is a coroutine object or not callable, or
+            TypeError: ``async_fn`` is not an async function (a coroutine object,
+                a builtin such as `time.sleep`, a class, or not callable), or
                 ``name``, ``request_id`` or ``timeout`` has the wrong type.
-            ValueError: ``timeout`` is not > 0 (this error is a `TypeError` too).
+            ValueError: ``timeout`` is not > 0, is NaN, or is too large.
             RuntimeError: Called from a thread other than the runtime's.
         """
-        state = self._state
-        state.spawn(state.make_job("spawn", async_fn, args, name, request_id, timeout))
+        runtime = self._runtime
+        runtime.spawn(runtime.make_job("spawn", async_fn, args, name, request_id, timeout))
 
     async def send(
         self,
@@ -559,6 +592,7 @@ class BackgroundHandle:
 
         Takes the same arguments as `spawn`. This is a checkpoint. Tasks waiting
         here are accepted in the order they arrived, as soon as there is room.
+        If the calling task is cancelled while it waits, its job was not accepted.
 
         Raises:
             RuntimeClosedError: Shutdown began before or while waiting.
@@ -566,8 +600,8 @@ class BackgroundHandle:
             ValueError: As for `spawn`.
             RuntimeError: Called from a thread other than the runtime's.
         """
-        state = self._state
-        await state.send(state.make_job("send", async_fn, args, name, request_id, timeout))
+        runtime = self._runtime
+        await runtime.send(runtime.make_job("send", async_fn, args, name, request_id, timeout))
 
     def __repr__(self) -> str:
         return f"<trio_background.BackgroundHandle at {id(self):#x}>"
@@ -577,27 +611,30 @@ class BackgroundHandle:
 class BackgroundRuntime:
     """A running set of background jobs. Created by `open_background_runtime`."""
 
-    __slots__ = ("_state",)
+    __slots__ = ("_runtime",)
 
-    def __init__(self, state: _RuntimeState) -> None:
-        self._state = state
+    def __init__(self, runtime: _Runtime) -> None:
+        self._runtime = runtime
 
     def handle(self) -> BackgroundHandle:
         """Return a new handle that submits jobs to this runtime."""
-        return BackgroundHandle(self._state)
+        return BackgroundHandle(self._runtime)
 
     def statistics(self) -> BackgroundStatistics:
         """Return a snapshot of the queue, the slots and the job counters."""
-        return self._state.statistics()
+        return self._runtime.statistics()
 
     async def wait_idle(self) -> None:
-        """Wait until no job is queued or running.
+        """Wait for the first moment, from now on, at which no job is queued or running.
+
+        Returns after a checkpoint if the runtime is idle already. It returns even if
+        new jobs were submitted between that moment and the moment it resumes.
 
         Raises:
             RuntimeError: Called from inside one of this runtime's own jobs.
         """
-        self._state.check_not_in_job("wait_idle")
-        await self._state.wait_idle()
+        self._runtime.check_not_in_job("wait_idle")
+        await self._runtime.wait_idle()
 
     async def aclose(self) -> None:
         """Stop accepting jobs, drain, and cut off whatever is left at the deadline.
@@ -616,28 +653,76 @@ class BackgroundRuntime:
             RuntimeError: Called from inside one of this runtime's own jobs
                 (it would wait for itself); the runtime stays open.
         """
-        await self._state.aclose()
+        await self._runtime.aclose()
+
+    def __getattr__(self, name: str) -> NoReturn:
+        if name in ("spawn", "send"):
+            raise AttributeError(
+                f"'BackgroundRuntime' object has no attribute {name!r}: jobs are submitted "
+                f"through a handle, e.g. runtime.handle().{name}(fn, *args)"
+            )
+        raise AttributeError(f"'BackgroundRuntime' object has no attribute {name!r}")
 
     def __repr__(self) -> str:
-        state = self._state
-        status = "closed" if state.closed else "open"
+        runtime = self._runtime
+        admission = runtime.admission
         return (
-            f"<trio_background.BackgroundRuntime at {id(self):#x}, {status}, "
-            f"{state.limiter.borrowed_tokens}/{state.max_concurrent_tasks} running, "
-            f"{state.queued}/{state.max_queue_size} queued>"
+            f"<trio_background.BackgroundRuntime at {id(self):#x}, "
+            f"{runtime.shutdown.phase.value}, "
+            f"{admission.limiter.borrowed_tokens}/{admission.max_concurrent_tasks} running, "
+            f"{admission.queued}/{admission.max_queue_size} queued>"
         )
 
 
-def _base_exception_to_raise(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """Pick the KeyboardInterrupt/SystemExit a job raised out of our nurseries' group."""
-    pending: list[BaseException] = [group]
-    while pending:
-        exc = pending.pop(0)
-        if isinstance(exc, BaseExceptionGroup):
-            pending.extend(exc.exceptions)
-        elif not isinstance(exc, (Exception, trio.Cancelled)):
-            return exc
-    return group
+_USE_ASYNC_WITH = "write `async with open_background_runtime(...) as runtime:`"
+
+
+@final
+class BackgroundRuntimeManager:
+    """What `open_background_runtime` returns: enter it with ``async with``."""
+
+    __slots__ = ("_cm", "_runtime")
+
+    def __init__(self, runtime: _Runtime) -> None:
+        self._runtime = runtime
+        self._cm: AbstractAsyncContextManager[BackgroundRuntime] | None = None
+
+    async def __aenter__(self) -> BackgroundRuntime:
+        if self._cm is not None:
+            raise RuntimeError("this open_background_runtime() was already entered once")
+        self._cm = cm = _open(self._runtime)
+        return await cm.__aenter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        assert self._cm is not None
+        return await self._cm.__aexit__(exc_type, exc, tb)
+
+    def __enter__(self) -> NoReturn:
+        raise TypeError(
+            f"open_background_runtime() is an async context manager: {_USE_ASYNC_WITH} "
+            f"instead of `with`"
+        )
+
+    def __exit__(self, *args: object) -> None:  # pragma: no cover (never entered)
+        pass
+
+    def __await__(self) -> NoReturn:
+        raise TypeError(f"open_background_runtime() is not awaitable: {_USE_ASYNC_WITH}")
+
+    def __getattr__(self, name: str) -> NoReturn:
+        raise AttributeError(
+            f"open_background_runtime() returns an async context manager, not the runtime, "
+            f"so it has no attribute {name!r}: {_USE_ASYNC_WITH} and use `runtime` inside "
+            f"the block"
+        )
+
+    def __repr__(self) -> str:
+        return f"<trio_background.open_background_runtime() at {id(self):#x}>"
 
 
 def open_background_runtime(
@@ -647,11 +732,13 @@ def open_background_runtime(
 ) -> AbstractAsyncContextManager[BackgroundRuntime]:
     """Open a runtime that runs background jobs until the block ends.
 
-    The runtime owns a nursery: no job outlives the ``async with`` block. When
-    the block ends normally the runtime calls `BackgroundRuntime.aclose`, which
-    drains (and may raise `BackgroundShutdownError`). If the body raises or is
-    cancelled, the runtime does not drain: it cancels running jobs, drops
-    queued ones, logs them, and the body's exception propagates unchanged.
+    Use it as ``async with open_background_runtime(config) as runtime:``. The
+    runtime owns a nursery: no job outlives the block. It belongs to the Trio
+    thread that enters the block. When the block ends normally the runtime
+    calls `BackgroundRuntime.aclose`, which drains (and may raise
+    `BackgroundShutdownError`). If the body raises or is cancelled, the runtime
+    does not drain: it cancels running jobs, drops queued ones, logs them, and
+    the body's exception propagates unchanged.
 
     Args:
         config: Limits and timeouts; `BackgroundTaskConfig` defaults if `None`.
@@ -678,32 +765,57 @@ def open_background_runtime(
         raise TypeError(
             f"instruments must be an iterable of instruments, not {type(instruments).__name__}"
         ) from None
-    return _open(_RuntimeState(config, hooks))
+    return BackgroundRuntimeManager(_Runtime(config, hooks))
 
 
 @asynccontextmanager
-async def _open(state: _RuntimeState) -> AsyncIterator[BackgroundRuntime]:
+async def _open(runtime: _Runtime) -> AsyncIterator[BackgroundRuntime]:
+    runtime.thread = threading.get_ident()
     pending: BaseException | None = None
-    try:
-        async with trio.open_nursery() as root:
-            await root.start(state.host_jobs)
-            assert state.jobs_nursery is not None
-            try:
-                yield BackgroundRuntime(state)
-            except BaseException as exc:
-                state.cut_off()
-                pending = exc
-            else:
-                try:
-                    await state.aclose()
-                except BaseException as exc:
-                    pending = exc
-            finally:
-                state.jobs_nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        raise _base_exception_to_raise(group) from None
-    if pending is not None:
+    async with trio.open_nursery() as outer:
+        runtime.outer_scope = outer.cancel_scope
+        await outer.start(runtime.host_jobs)
+        jobs_nursery = runtime.jobs_nursery
+        assert jobs_nursery is not None
         try:
-            raise pending
+            yield BackgroundRuntime(runtime)
+        except BaseException as exc:
+            runtime.cut_off()
+            pending = exc
+        else:
+            try:
+                await runtime.aclose()
+            except BaseException as exc:
+                pending = exc
         finally:
-            del pending
+            jobs_nursery.cancel_scope.cancel()
+    try:
+        _leave(pending, runtime.fatal)
+    finally:
+        del pending
+
+
+def _leave(pending: BaseException | None, fatal: list[BaseException]) -> None:
+    """Raise what must leave the block: the body's error and/or what jobs or hooks raised.
+
+    Each exception leaves as the same object, its ``__cause__`` and ``__context__``
+    intact; several leave together as an exception group.
+    """
+    if not fatal:
+        if pending is not None:
+            _raise_unchanged(pending)
+        return
+    errors = list(fatal)
+    if pending is not None and not isinstance(pending, trio.Cancelled):
+        errors.insert(0, pending)
+    if len(errors) == 1:
+        _raise_unchanged(errors[0])
+    raise BaseExceptionGroup("errors in a background runtime", errors)
+
+
+def _raise_unchanged(exc: BaseException) -> NoReturn:
+    context = exc.__context__
+    try:
+        raise exc
+    finally:
+        exc.__context__ = context

@@ -10,7 +10,8 @@ class BackgroundStatistics:
     """A snapshot of a runtime's state, returned by `BackgroundRuntime.statistics`.
 
     At every instant ``accepted == queued + running + completed + failed +
-    timed_out + cancelled + dropped``.
+    timed_out + cancelled + dropped``, ``queued <= max_queue_size`` and
+    ``running <= max_concurrent_tasks``.
     """
 
     #: Jobs accepted but not started yet.
@@ -36,15 +37,6 @@ class BackgroundStatistics:
     #: Whether shutdown has begun (no more jobs are accepted).
     closed: bool
 
-    @property
-    def accepted(self) -> int:
-        """Jobs accepted by a successful `BackgroundHandle.spawn` or `BackgroundHandle.send`."""
-        return (
-            self.queued
-            + self.running
-            + self.completed
-            + self.failed
-            + self.timed_out
-            + self.cancelled
-            + self.dropped
-        )
+    #: Successful `BackgroundHandle.spawn` and `BackgroundHandle.send` calls. A counter
+    #: of its own (not the sum of the others), so the identity above is a real check.
+    accepted: int
