@@ -82,7 +82,48 @@ def _use_offline_inventories(app: Any, config: Any) -> None:
     config.intersphinx_mapping = _inventories.write_inventories(directory)
 
 
+def _public_attributes() -> set[str]:
+    """``trio_background.<Class>.<attribute>`` for every documented data attribute.
+
+    The public classes report ``__module__ == "trio_background"`` (as trio's do), so
+    autodoc cannot find the ``#:`` comments of their attributes in the private module
+    that defines them; docs/reference.rst lists those attributes itself. This collects
+    what it must list: the attrs fields of the public classes and every attribute with
+    a ``#:`` comment in the private modules.
+    """
+    import attrs
+    from sphinx.pycode import ModuleAnalyzer
+
+    import trio_background
+
+    public = {name: getattr(trio_background, name) for name in trio_background.__all__}
+    expected = {
+        f"trio_background.{name}.{field.name}"
+        for name, obj in public.items()
+        if attrs.has(obj)
+        for field in attrs.fields(obj)
+    }
+    for modname, module in list(sys.modules.items()):
+        if not modname.startswith("trio_background._") or module is None:
+            continue
+        for classname, attribute in ModuleAnalyzer.for_module(modname).find_attr_docs():
+            if classname in public and getattr(module, classname, None) is public[classname]:
+                expected.add(f"trio_background.{classname}.{attribute}")
+    return expected
+
+
+def _check_attributes_documented(app: Any, env: Any) -> None:
+    from sphinx.util import logging
+
+    documented = env.get_domain("py").objects
+    for name in sorted(_public_attributes() - set(documented)):
+        logging.getLogger(__name__).warning(
+            "%s is public but not documented: add it to docs/reference.rst", name
+        )
+
+
 def setup(app: Any) -> dict[str, Any]:
     # Runs before intersphinx validates the mapping (priority 800).
     app.connect("config-inited", _use_offline_inventories, priority=400)
+    app.connect("env-check-consistency", _check_attributes_documented)
     return {"parallel_read_safe": True}
