@@ -143,9 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         f"Python {platform.python_version()} on {platform.system()} {platform.machine()}, "
         f"{os.cpu_count()} CPUs, load avg {load_before} -> {_load()}"
     )
+    rounds = f"{sizes.rounds} interleaved rounds"
+    if "instruments" in only:
+        rounds += f" (instruments: {sizes.instrument_rounds})"
     header = [
-        f"trio-background benchmark, {mode} mode: {sizes.rounds} interleaved rounds "
-        f"(instruments: {sizes.instrument_rounds}); medians, ratios per round; "
+        f"trio-background benchmark, {mode} mode: {rounds}; medians, ratios per round; "
         f"{elapsed:,.0f} s",
         versions,
         machine,
