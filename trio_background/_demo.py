@@ -1,47 +1,34 @@
-"""A live demonstration of trio_background, run by ``python -m trio_background``.
+"""The live demo, ``python -m trio_background``: a busy day of a web service in ~10 s.
 
-The demo plays a short, busy day of a web service, compressed into about ten seconds:
-
-* "requests" submit a few thousand simulated jobs (``send_email``, ``warm_cache``,
-  ``write_audit``, ``resize_image``, ``call_webhook``), each with a request id. Jobs
-  that must not be lost use ``await handle.send(...)`` and wait for room (backpressure);
-  the others use ``handle.spawn(...)`` and are shed with `QueueFullError` when the queue
-  is full. Two traffic bursts fill the queue on purpose.
-* Some jobs fail (logged at ERROR) and some hang until their timeout (WARNING).
-* Just before shutdown a batch of slow ``export_report`` jobs is spawned, so that the
-  drain deadline cuts jobs off and `BackgroundShutdownError` carries a non-empty report;
-  a few requests arrive after shutdown began and get `RuntimeClosedError`.
-
-It uses the public API only, and prints a one-line `BackgroundStatistics` display
-(rewritten in place on a terminal, one plain line per period otherwise), a few of the
-library's log records followed by a summary, and finally the shutdown report.
+Requests submit a few thousand simulated jobs with ``spawn`` (shed with `QueueFullError`
+when the queue is full) or ``send`` (backpressure); some fail or hang until their timeout,
+and at shutdown the drain deadline cuts the last ones off (see `build_scenario`).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import math
+import os
 import random
 import shutil
+import signal
 import sys
-from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
-from typing import TextIO, TypeVar
+import textwrap
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import NamedTuple, TextIO
 
 import attrs
 import trio
-
-if sys.version_info < (3, 11):  # pragma: no cover
-    from exceptiongroup import BaseExceptionGroup
 
 from . import (
     BackgroundHandle,
     BackgroundInstrument,
     BackgroundJobError,
     BackgroundJobMetadata,
+    BackgroundRuntime,
     BackgroundShutdownError,
     BackgroundStatistics,
     BackgroundTaskConfig,
@@ -50,824 +37,472 @@ from . import (
     open_background_runtime,
 )
 
-__all__ = ["DemoOptions", "build_scenario", "main", "parse_args", "run_demo"]
+# Exit statuses besides 0 (ran as designed) and 1 (self-check failed): like other
+# command-line tools, what a shell shows for a program stopped by SIGINT or SIGPIPE (128 +
+# the signal's number), so that a script can tell a cut-short run from a complete one.
+INTERRUPTED = 130  # Ctrl-C (the runtime still drained and the report was printed)
+OUTPUT_CUT = 141  # stdout was closed early, as by ``| head`` (the demo stopped at once)
 
-_LOGGER_NAME = "trio_background"
-_LOG_RECORDS_SHOWN_PER_LEVEL = 3
-_REPORT_ITEMS_SHOWN = 5
-
-_Number = TypeVar("_Number", int, float)
-
-
-# ---------------------------------------------------------------------------
-# Options
-# ---------------------------------------------------------------------------
+_SHOWN = 3  # log records shown per level (the others are counted), cut-off jobs listed
+_OUTCOMES = ("completed", "failed", "timed_out", "cancelled", "dropped", "rejected")
+_STATES = ("queued", "running", *_OUTCOMES[:5])  # what every accepted job is, at any time
 
 
 @attrs.frozen
 class DemoOptions:
-    """What the demo runs.
-
-    Attributes:
-        duration: Approximate length of the demo, in seconds (of `trio.current_time`).
-        jobs: Number of jobs the simulated requests try to submit.
-        seed: Seed of the random generator that plans the jobs.
-    """
+    """What the demo runs: its length in seconds, how many jobs, and the plan's seed."""
 
     duration: float = 10.0
     jobs: int = 3000
     seed: int = 0
 
 
-def _number_arg(text: str, convert: Callable[[str], _Number], what: str) -> _Number:
-    try:
-        return convert(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
-
-
-def _duration_arg(text: str) -> float:
-    value = _number_arg(text, float, "a number")
-    if not (0.1 <= value < math.inf):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0.1, got {text}")
-    return value
-
-
-def _jobs_arg(text: str) -> int:
-    value = _number_arg(text, int, "an integer")
-    if value < 20:
-        raise argparse.ArgumentTypeError(f"must be >= 20, got {value}")
-    return value
-
-
 def parse_args(argv: Sequence[str] | None = None) -> DemoOptions:
-    """Parse the command line of ``python -m trio_background``.
-
-    Args:
-        argv: The arguments, without the program name; `None` means `sys.argv`.
-
-    Returns:
-        The options. Without ``--seed`` a random seed is chosen (and printed by the
-        demo, so that a run can be repeated).
-
-    Raises:
-        SystemExit: For ``--help`` (status 0) or a bad argument (status 2), as
-            `argparse` does.
-    """
+    """Parse the command line (`None`: ``sys.argv``); without ``--seed``, pick a seed."""
     parser = argparse.ArgumentParser(
         prog="python -m trio_background",
-        description=(
-            "Live demo of trio_background: a few thousand simulated background jobs "
-            "(some fail, some time out) with a live statistics line, then a shutdown "
-            "whose drain deadline cuts the last jobs off and prints the report."
-        ),
+        description="Live demo of trio_background: a few thousand simulated background jobs"
+        " (some fail, some time out) with a live statistics line, then a shutdown whose drain"
+        " deadline cuts the last jobs off, and its report. Ctrl-C closes the runtime early.",
     )
     parser.add_argument(
         "--duration",
-        type=_duration_arg,
+        type=float,
         default=10.0,
         metavar="SECONDS",
-        help="approximate length of the demo (default: 10)",
+        help="approximate length of the demo, at least 0.1 (default: 10)",
     )
     parser.add_argument(
         "--jobs",
-        type=_jobs_arg,
+        type=int,
         default=3000,
         metavar="N",
-        help=(
-            "number of jobs to submit, at least 20 (default: 3000); much more than 1000 per"
-            " second of --duration may be more than a busy machine can keep up with"
-        ),
+        help="number of jobs to submit, at least 20 (default: 3000); much more than 1000 per"
+        " second of --duration may be more than a busy machine can keep up with",
     )
     parser.add_argument(
         "--seed",
         type=int,
-        default=None,
         metavar="SEED",
-        help="seed for the job plan (default: random; the demo prints it)",
+        help="fix the plan: which jobs are submitted, when, and which ones fail or hang"
+        " (default: random; the demo prints it). It does not fix the outcome: timings vary"
+        " on a loaded machine, and so do the counts that depend on them",
     )
-    namespace = parser.parse_args(argv)
-    seed: int | None = namespace.seed
-    if seed is None:
-        seed = random.randrange(100_000)
-    return DemoOptions(duration=namespace.duration, jobs=namespace.jobs, seed=seed)
+    args = parser.parse_args(argv)
+    if not (args.duration >= 0.1 and math.isfinite(args.duration)):
+        parser.error(f"argument --duration: must be a finite number >= 0.1, got {args.duration}")
+    if args.jobs < 20:
+        parser.error(f"argument --jobs: must be >= 20, got {args.jobs}")
+    seed = random.randrange(100_000) if args.seed is None else args.seed
+    return DemoOptions(args.duration, args.jobs, seed)
 
 
-# ---------------------------------------------------------------------------
-# The simulated jobs
-# ---------------------------------------------------------------------------
+# The ordinary jobs: weight, mean duration (in mean job durations), chance of failing,
+# chance of hanging until the timeout, timeout (in mean job durations; None: the config's
+# job_timeout), submitted with ``await send()`` (must not be lost) rather than ``spawn()``,
+# and the error raised by those that fail.
+_KINDS = {
+    "send_email": (25, 1.5, 0.04, 0.005, None, True, BackgroundJobError, "SMTP 451 try later"),
+    "warm_cache": (25, 0.5, 0.01, 0.03, 2.0, False, ConnectionError, "redis refused"),
+    "write_audit": (30, 0.3, 0.005, 0.0, None, True, OSError, "audit log is read-only"),
+    "resize_image": (10, 3.0, 0.03, 0.0, None, False, ValueError, "cannot decode the image"),
+    "call_webhook": (10, 1.5, 0.08, 0.05, None, False, ConnectionError, "webhook returned 503"),
+}
 
 
-@attrs.frozen
-class Work:
-    """What one simulated job does.
-
-    Attributes:
-        subject: What the job is about (a user, a cache key, ...), for its error message.
-        seconds: How long the job works when it does not hang.
-        hang: Whether the job waits forever (until its timeout cuts it off).
-        failure: The exception the job raises after working, if any.
-    """
-
-    subject: str
-    seconds: float
-    hang: bool = False
-    failure: Exception | None = None
-
-
-JobFunction = Callable[[Work], Awaitable[None]]
-
-
-def _simulated_job(name: str, doc: str) -> JobFunction:
-    """Make the job function ``name``: it plays out its `Work` (sleep, hang, or raise).
-
-    Every kind of job gets a function of its own because the library names a job after
-    its function's ``__qualname__``: in log records, statistics and the shutdown report.
-    """
-
-    async def job(work: Work) -> None:
-        if work.hang:
-            await trio.sleep_forever()
-        await trio.sleep(work.seconds)
-        if work.failure is not None:
-            raise work.failure
-
-    job.__name__ = job.__qualname__ = name
-    job.__doc__ = doc
-    return job
-
-
-send_email = _simulated_job(
-    "send_email", "Pretend to send an e-mail (submitted with ``send``: must not be lost)."
-)
-warm_cache = _simulated_job(
-    "warm_cache", "Pretend to refill a cache entry (``spawn``, short per-job timeout)."
-)
-write_audit = _simulated_job(
-    "write_audit", "Pretend to append to an audit log (submitted with ``send``)."
-)
-resize_image = _simulated_job(
-    "resize_image", "Pretend to make thumbnails of an upload (``spawn``)."
-)
-call_webhook = _simulated_job(
-    "call_webhook", "Pretend to notify a customer's webhook (``spawn``; some endpoints hang)."
-)
-export_report = _simulated_job(
-    "export_report", "Pretend to build a large export (slow; arrives just before shutdown)."
-)
-rebuild_search_index = _simulated_job(
-    "rebuild_search_index",
-    "Pretend to rebuild a search index (very slow; arrives just before shutdown).",
-)
-
-
-@attrs.frozen
-class _Kind:
-    fn: JobFunction
-    weight: float
-    cost: float  # mean duration, in units of the scenario's mean job duration
-    fail: float  # probability of raising
-    hang: float  # probability of hanging until the timeout
-    wait: bool  # submit with ``await send()`` instead of ``spawn()``
-    subject: Callable[[random.Random], str]
-    error: Callable[[str], Exception]
-    timeout: float | None = None  # per-job timeout, in units of the mean duration
-
-
-_KINDS = (
-    _Kind(
-        send_email,
-        weight=25,
-        cost=1.5,
-        fail=0.04,
-        hang=0.005,
-        wait=True,
-        subject=lambda rng: f"user {rng.randrange(1, 90_000)}",
-        error=lambda s: BackgroundJobError(f"SMTP 451 4.7.1 try again later ({s})"),
-    ),
-    _Kind(
-        warm_cache,
-        weight=25,
-        cost=0.5,
-        fail=0.01,
-        hang=0.03,
-        wait=False,
-        subject=lambda rng: f"/products/{rng.randrange(1, 5_000)}",
-        error=lambda s: ConnectionRefusedError(f"redis:6379 refused the connection ({s})"),
-        timeout=2.0,
-    ),
-    _Kind(
-        write_audit,
-        weight=30,
-        cost=0.3,
-        fail=0.005,
-        hang=0.0,
-        wait=True,
-        subject=lambda rng: f"event {rng.randrange(10**6, 10**7)}",
-        error=lambda s: OSError(f"audit log is read-only ({s})"),
-    ),
-    _Kind(
-        resize_image,
-        weight=10,
-        cost=3.0,
-        fail=0.03,
-        hang=0.0,
-        wait=False,
-        subject=lambda rng: f"upload_{rng.randrange(1, 10**6)}.heic",
-        error=lambda s: ValueError(f"cannot decode image {s}"),
-    ),
-    _Kind(
-        call_webhook,
-        weight=10,
-        cost=1.5,
-        fail=0.08,
-        hang=0.05,
-        wait=False,
-        subject=lambda rng: f"https://hooks.example.com/{rng.getrandbits(24):06x}",
-        error=lambda s: ConnectionError(f"POST {s} returned 503"),
-    ),
-)
-
-
-@attrs.frozen
-class PlannedJob:
-    """One submission the simulated requests will make.
-
-    Attributes:
-        at: When to submit, in seconds after the start of the demo.
-        fn: The job function.
-        work: Its argument.
-        request_id: The request id passed to ``spawn``/``send``.
-        timeout: The per-job timeout (`None`: the config's ``job_timeout``).
-        wait: Submit with ``await handle.send(...)`` rather than ``handle.spawn(...)``.
-    """
+class PlannedJob(NamedTuple):
+    """One submission: when (seconds after the start), what, and how it behaves."""
 
     at: float
-    fn: JobFunction
-    work: Work
+    name: str
+    seconds: float  # how long it works, unless it hangs until its timeout
     request_id: str
-    timeout: float | None
-    wait: bool
+    timeout: float | None = None  # None: the config's job_timeout
+    wait: bool = False  # submitted with ``await handle.send(...)``, not ``handle.spawn(...)``
+    hang: bool = False
+    failure: Exception | None = None  # raised after working
+
+    async def run(self) -> None:
+        """The job's code: work (sleep), hang, or fail."""
+        if self.hang:
+            await trio.sleep_forever()
+        await trio.sleep(self.seconds)
+        if self.failure is not None:
+            raise self.failure
 
 
-@attrs.frozen
-class Scenario:
-    """The demo's configuration and job plan, derived from `DemoOptions`.
-
-    Attributes:
-        config: The runtime configuration.
-        jobs: The submissions, in time order.
-        close_at: When ``aclose()`` is called, in seconds after the start.
-        mean_job_seconds: The mean duration of an ordinary job.
-    """
+class Scenario(NamedTuple):
+    """The runtime's configuration, the submissions in time order, and when to close."""
 
     config: BackgroundTaskConfig
     jobs: tuple[PlannedJob, ...]
     close_at: float
-    mean_job_seconds: float
 
 
 def _nice(seconds: float) -> float:
-    """Round to three significant digits, so that configs and log lines read well."""
-    return float(f"{seconds:.3g}")
+    return float(f"{seconds:.3g}")  # three significant digits read well in the output
 
 
 def build_scenario(options: DemoOptions) -> Scenario:
-    """Plan the demo: size the runtime and draw every job from ``options.seed``.
+    """Plan the demo from the options alone, in fractions of the duration D.
 
-    Times are fractions of ``options.duration`` (D):
-
-    * 0 to 0.7 D: ordinary jobs, a third of them in two sharp bursts that fill the
-      queue for a moment. Their mean duration keeps the runtime about half busy.
-    * 0.72 D: a batch job spawns slow ``export_report`` and ``rebuild_search_index`` jobs
-      (half of D and more; explicit timeouts override the short ``job_timeout``), as
-      many as the slots plus half the queue.
+    * 0 to 0.7 D: ordinary jobs, keeping the runtime about half busy; a third of them
+      arrive in two bursts (at 0.25 D and 0.5 D) that fill the queue for a moment.
+    * 0.72 D: slow ``export_report`` jobs (with a timeout longer than the short
+      ``job_timeout``), as many as the slots plus half the queue.
     * 0.74 to 0.79 D: a few more ordinary jobs, queued behind the slow ones.
-    * 0.8 D: ``aclose()``, with ``drain_timeout`` 0.15 D: the slow jobs are cancelled,
-      the late ones dropped, and `BackgroundShutdownError` reports them.
-    * 0.85 D: a few requests arrive after shutdown began and get `RuntimeClosedError`.
-
-    Args:
-        options: The demo options.
-
-    Returns:
-        The scenario (the same for the same options).
+    * 0.8 D: ``aclose()`` with ``drain_timeout`` 0.15 D: the slow jobs are cancelled, the
+      late ones dropped. 0.85 D: a few requests arrive and get `RuntimeClosedError`.
     """
-    rng = random.Random(options.seed)
-    duration = options.duration
+    rng, d = random.Random(options.seed), options.duration
     slots = max(4, min(64, options.jobs // 60))
     queue = 2 * slots
     n_slow = min(options.jobs // 4, slots + queue // 2)
     n_late = min(options.jobs // 10, queue // 4)
     n_after = min(3, options.jobs // 20)
     n_regular = options.jobs - n_slow - n_late - n_after
-    window = 0.7 * duration
+    window = 0.7 * d
     mean = _nice(0.5 * slots * window / n_regular)
     config = BackgroundTaskConfig(
         max_queue_size=queue,
         max_concurrent_tasks=slots,
-        drain_timeout=_nice(0.15 * duration),
+        drain_timeout=_nice(0.15 * d),
         job_timeout=_nice(6 * mean),
     )
+    ids = iter(f"req-{n:08x}" for n in rng.sample(range(2**32), options.jobs))
 
     def arrival() -> float:
         pick = rng.random()
-        if pick < 0.15:
-            at = rng.gauss(0.25 * duration, 0.02 * duration)
-        elif pick < 0.3:
-            at = rng.gauss(0.5 * duration, 0.02 * duration)
+        if pick < 0.3:
+            at = rng.gauss((0.25 if pick < 0.15 else 0.5) * d, 0.02 * d)
         else:
             at = rng.uniform(0.0, window)
         return min(max(at, 0.0), window)
 
-    used: set[int] = set()
-
-    def request_id() -> str:
-        number = rng.getrandbits(32)
-        while number in used:
-            number = rng.getrandbits(32)
-        used.add(number)
-        return f"req-{number:08x}"
-
     def ordinary(at: float) -> PlannedJob:
-        kind = rng.choices(_KINDS, [kind.weight for kind in _KINDS])[0]
-        subject = kind.subject(rng)
-        work = Work(
-            subject=subject,
-            seconds=kind.cost * mean * rng.uniform(0.3, 1.7),
-            hang=rng.random() < kind.hang,
-            failure=kind.error(subject) if rng.random() < kind.fail else None,
-        )
-        timeout = None if kind.timeout is None else _nice(kind.timeout * mean)
-        return PlannedJob(at, kind.fn, work, request_id(), timeout, kind.wait)
+        name = rng.choices(list(_KINDS), [kind[0] for kind in _KINDS.values()])[0]
+        _, cost, fail, hang, timeout, wait, error, message = _KINDS[name]
+        seconds, hangs = cost * mean * rng.uniform(0.3, 1.7), rng.random() < hang
+        failure = error(message) if rng.random() < fail else None
+        timeout = None if timeout is None else _nice(timeout * mean)
+        return PlannedJob(at, name, seconds, next(ids), timeout, wait, hangs, failure)
 
     jobs = [ordinary(at) for at in sorted(arrival() for _ in range(n_regular))]
-    for i in range(n_slow):
-        # One in twenty is an index rebuild, the rest are exports. The explicit
-        # timeout overrides the config's (short) job_timeout.
-        slow: JobFunction = rebuild_search_index if i % 20 == 19 else export_report
-        work = Work(
-            subject=f"account {rng.randrange(1, 9_000)}",
-            seconds=0.5 * duration * rng.uniform(1.0, 1.5),
-        )
-        jobs.append(PlannedJob(0.72 * duration, slow, work, request_id(), duration, False))
-    for at in sorted(rng.uniform(0.74, 0.79) * duration for _ in range(n_late)):
-        jobs.append(ordinary(at))
-    for _ in range(n_after):
-        work = Work(subject=f"event {rng.randrange(10**6, 10**7)}", seconds=mean)
-        jobs.append(PlannedJob(0.85 * duration, write_audit, work, request_id(), None, True))
-    return Scenario(config=config, jobs=tuple(jobs), close_at=0.8 * duration, mean_job_seconds=mean)
+    for _ in range(n_slow):
+        seconds = 0.5 * d * rng.uniform(1.0, 1.5)
+        jobs.append(PlannedJob(0.72 * d, "export_report", seconds, next(ids), timeout=d))
+    jobs += [ordinary(at) for at in sorted(rng.uniform(0.74, 0.79) * d for _ in range(n_late))]
+    jobs += [
+        PlannedJob(0.85 * d, "write_audit", mean, next(ids), wait=True) for _ in range(n_after)
+    ]
+    return Scenario(config, tuple(jobs), close_at=0.8 * d)
 
 
-# ---------------------------------------------------------------------------
-# Output: the status line, log records, the instrument
-# ---------------------------------------------------------------------------
+class _Console(logging.Handler):
+    """Writes lines wrapped to the width, the status line, and a few of the library's logs.
 
+    The status line is rewritten in place on a terminal. Once the reader has gone
+    (``BrokenPipeError``), it writes nothing more and calls ``on_gone``, to stop the demo.
+    """
 
-class _Console:
-    """Writes the status line (in place on a terminal) and messages above it."""
+    def __init__(self, out: TextIO, interactive: bool, width: int, on_gone: Callable[[], object]):
+        super().__init__(logging.WARNING)
+        self._out, self._interactive, self._on_gone = out, interactive, on_gone
+        self.width = max(width, 30)
+        self.gone = False
+        self._status_len = 0  # length of the status line on screen (interactive)
+        self.records: Counter[str] = Counter()  # log records seen, by level name
 
-    def __init__(self, out: TextIO, *, interactive: bool, width: int) -> None:
-        self._out = out
-        self._interactive = interactive
-        self._width = max(width, 20)
-        self._status_len = 0  # length of the status line now on screen (interactive)
+    def _write(self, text: str) -> None:
+        try:
+            if not self.gone:
+                self._out.write(text)
+                self._out.flush()
+        except BrokenPipeError:
+            self.gone = True
+            self._on_gone()
 
     def status(self, line: str, short: str) -> None:
-        """Show ``line``, or ``short`` on a terminal too narrow for it."""
-        if self._interactive:
-            if len(line) >= self._width:
-                line = short[: self._width - 1]
-            self._out.write("\r" + line.ljust(self._status_len))
-            self._status_len = len(line)
-        else:
-            self._out.write(line + "\n")
-        self._out.flush()
+        """Show the status ``line``, or its ``short`` form if ``line`` is too wide."""
+        if not self._interactive:
+            return self.message(line if len(line) <= self.width else short)
+        line = line if len(line) < self.width else short[: self.width - 1]
+        self._write("\r" + line.ljust(self._status_len))
+        self._status_len = len(line)
 
-    def message(self, text: str) -> None:
-        if self._interactive and self._status_len:
-            # Overwrite the status line; the next status() call draws it again below.
-            self._out.write("\r" + " " * self._status_len + "\r")
+    def message(self, text: str = "", *, end: bool = False) -> None:
+        """Write ``text`` above the status line (or, with ``end``, below its last state)."""
+        if self._status_len:
+            self._write("\n" if end else "\r" + " " * self._status_len + "\r")
             self._status_len = 0
-        self._out.write(text + "\n")
-        self._out.flush()
-
-    def finish(self) -> None:
-        if self._interactive and self._status_len:
-            self._out.write("\n")
-            self._status_len = 0
-        self._out.flush()
-
-
-class _JobLogHandler(logging.Handler):
-    """Shows the first few records of each level, then only counts them."""
-
-    def __init__(self, console: _Console) -> None:
-        super().__init__(logging.WARNING)
-        self._console = console
-        self.shown: Counter[str] = Counter()
-        self.hidden: Counter[str] = Counter()
+        indent = " " * (len(text) - len(text.lstrip()) + 4)
+        lines = textwrap.wrap(text, self.width, subsequent_indent=indent, break_on_hyphens=False)
+        self._write("".join(line + "\n" for line in lines or [""]))
 
     def emit(self, record: logging.LogRecord) -> None:
-        try:
-            level = record.levelname
-            if self.shown[level] >= _LOG_RECORDS_SHOWN_PER_LEVEL:
-                if not self.hidden[level]:
-                    self._console.message(f"  log   (more {level} records: counted, not shown)")
-                self.hidden[level] += 1
-                return
-            self.shown[level] += 1
-            text = f"  log   {level}: {record.getMessage()}"
-            request_id = getattr(record, "request_id", None)
-            if request_id is not None:
-                text += f" (request_id={request_id})"
-            if record.exc_info and record.exc_info[1] is not None:
-                exc = record.exc_info[1]
-                text += f": {type(exc).__name__}: {exc}"
-            self._console.message(text)
-        except Exception:
-            self.handleError(record)
-
-    def summary(self) -> str:
-        """Say how many records were shown and how many only counted."""
-        shown, hidden = sum(self.shown.values()), sum(self.hidden.values())
-        text = f"Log records from {_LOGGER_NAME!r}: {shown} shown"
-        if hidden:
-            levels = ", ".join(f"{n} {level}" for level, n in sorted(self.hidden.items()))
-            text += f", {hidden} more counted ({levels})"
-        return text
-
-
-@contextmanager
-def _quiet_job_logs(console: _Console) -> Iterator[_JobLogHandler]:
-    """Route the library's log records through a `_JobLogHandler` for a while."""
-    logger = logging.getLogger(_LOGGER_NAME)
-    handler = _JobLogHandler(console)
-    saved_level, saved_propagate = logger.level, logger.propagate
-    logger.addHandler(handler)
-    logger.setLevel(logging.WARNING)
-    logger.propagate = False
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(saved_level)
-        logger.propagate = saved_propagate
-
-
-_OUTCOMES = ("completed", "failed", "timed_out", "cancelled", "dropped", "rejected")
-
-
-class OutcomeTally(BackgroundInstrument):
-    """An instrument that counts outcomes and running time per job name."""
-
-    def __init__(self) -> None:
-        self.outcomes: dict[str, Counter[str]] = {}
-        self.busy: dict[str, float] = {}
-
-    def _count(self, job: BackgroundJobMetadata, outcome: str) -> None:
-        self.outcomes.setdefault(job.name, Counter())[outcome] += 1
-
-    def job_rejected(self, job: BackgroundJobMetadata) -> None:
-        """Count a job refused with `QueueFullError`."""
-        self._count(job, "rejected")
-
-    def job_finished(self, job: BackgroundJobMetadata, outcome: str, duration: float) -> None:
-        """Count a job that ran, and add up its running time."""
-        self._count(job, outcome)
-        self.busy[job.name] = self.busy.get(job.name, 0.0) + duration
-
-    def job_dropped(self, job: BackgroundJobMetadata) -> None:
-        """Count a job discarded at shutdown."""
-        self._count(job, "dropped")
-
-    def table(self) -> list[str]:
-        """Return the per-name table as lines of text."""
-        width = max([len(name) for name in self.outcomes] + [3])
-        header = "".join(f"{outcome:>10}" for outcome in _OUTCOMES)
-        lines = ["  " + "job".ljust(width) + header + "   mean run"]
-        for name in sorted(self.outcomes):
-            counts = self.outcomes[name]
-            ran = sum(counts[outcome] for outcome in _OUTCOMES[:4])
-            mean = f"{self.busy.get(name, 0.0) / ran:10.3f}s" if ran else "          -"
-            cells = "".join(f"{counts[outcome]:>10}" for outcome in _OUTCOMES)
-            lines.append("  " + name.ljust(width) + cells + mean)
-        return lines
+        """Show the record if it is one of the first few of its level."""
+        level, text = record.levelname, record.getMessage()
+        self.records[level] += 1
+        if self.records[level] > _SHOWN:
+            if self.records[level] == _SHOWN + 1:
+                self.message(f"  log   (further {level} records not shown)")
+            return
+        if record.exc_info and record.exc_info[1] is not None:
+            text += f": {type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+        self.message(f"  log   {level}: {text}")
 
 
 @attrs.define
-class _Progress:
-    """What the submitting side knows, for the status line and the self-check."""
+class _Run(BackgroundInstrument):
+    """A run: its plan, output, own count of its calls, and (as instrument) outcomes by name."""
 
-    planned: int
+    scenario: Scenario
+    console: _Console
+    outcomes: defaultdict[str, Counter[str]] = attrs.Factory(lambda: defaultdict(Counter))
     phase: str = "submitting"
     submitted: int = 0  # spawn/send calls made
     accepted: int = 0  # ... that returned normally
     rejected: int = 0  # ... that raised QueueFullError
-    refused: list[str] = attrs.Factory(list)  # names of those that raised RuntimeClosedError
-    waiting: int = 0  # send() calls waiting now
-    deadline: float = math.inf  # drain deadline, once closing
-    # Set once every job planned before the close has been submitted.
-    caught_up: trio.Event = attrs.Factory(trio.Event)
-    # Set when aclose() is about to be called.
-    closing: trio.Event = attrs.Factory(trio.Event)
+    refused: int = 0  # ... that raised RuntimeClosedError
+    deadline: float = math.inf  # of the drain, once closing
+    stop: trio.CancelScope = attrs.Factory(trio.CancelScope)  # cancelled by Ctrl-C
+    interrupted: bool = False
 
+    def job_rejected(self, job: BackgroundJobMetadata) -> None:
+        self.outcomes[job.name]["rejected"] += 1
 
-def _status_lines(now: float, progress: _Progress, stats: BackgroundStatistics) -> tuple[str, str]:
-    """Return the status line, and a shorter form of it for narrow terminals."""
-    phase = short_phase = progress.phase
-    if phase == "draining":
-        left = max(progress.deadline - now, 0.0)
-        phase += f" ({left:.1f}s left)"
-        short_phase = f"drain {left:.1f}s"
-    elif phase == "submitting":
-        short_phase = "jobs"
-    jobs = f"{now:5.1f}s {{}} {progress.submitted}/{progress.planned}"
-    line = (
-        jobs.format(phase) + f" | queued {stats.queued:>3}/{stats.max_queue_size}"
-        f" running {stats.running:>3}/{stats.max_concurrent_tasks}"
-        f" | completed {stats.completed} failed {stats.failed} timed_out {stats.timed_out}"
-        f" rejected {stats.rejected}"
-    )
-    short = (
-        jobs.format(short_phase) + f" q {stats.queued}/{stats.max_queue_size}"
-        f" run {stats.running}/{stats.max_concurrent_tasks} ok {stats.completed}"
-        f" fail {stats.failed} t/o {stats.timed_out} rej {stats.rejected}"
-    )
-    if stats.closed:
-        line += f" | cancelled {stats.cancelled} dropped {stats.dropped}"
-        short += f" cut {stats.cancelled} drop {stats.dropped}"
-    if progress.waiting:
-        line += f" | send() waiting {progress.waiting}"
-        short += f" wait {progress.waiting}"
-    return line, short
+    def job_finished(self, job: BackgroundJobMetadata, outcome: str, duration: float) -> None:
+        self.outcomes[job.name][outcome] += 1
 
+    def job_dropped(self, job: BackgroundJobMetadata) -> None:
+        self.outcomes[job.name]["dropped"] += 1
 
-def _describe(jobs: Sequence[BackgroundJobMetadata]) -> list[str]:
-    if not jobs:
-        return []
-    by_name = Counter(job.name for job in jobs)
-    lines = ["      by name: " + ", ".join(f"{name} x{n}" for name, n in by_name.most_common())]
-    lines += [
-        f"      {job.name} (request_id={job.request_id})" for job in jobs[:_REPORT_ITEMS_SHOWN]
-    ]
-    if len(jobs) > _REPORT_ITEMS_SHOWN:
-        lines.append(f"      ... and {len(jobs) - _REPORT_ITEMS_SHOWN} more")
-    return lines
+    def status(self, now: float, s: BackgroundStatistics) -> None:
+        """Show the status line (or a short form of it, on a narrow terminal)."""
+        phase = self.phase
+        if phase == "draining":
+            phase += f" ({max(self.deadline - now, 0.0):.1f}s left)"
+        fields = [
+            ("| queued", "q", f"{s.queued:>3}/{s.max_queue_size}"),
+            ("running", "run", f"{s.running:>3}/{s.max_concurrent_tasks}"),
+            ("| completed", "ok", s.completed),
+            ("failed", "fail", s.failed),
+            ("timed_out", "t/o", s.timed_out),
+            ("rejected", "rej", s.rejected),
+        ]
+        if s.closed:
+            fields += [("| cancelled", "cut", s.cancelled), ("dropped", "drop", s.dropped)]
+        head = f"{now:5.1f}s {phase} {self.submitted}/{len(self.scenario.jobs)}"
+        long, short = (" ".join([head, *(f"{f[i]} {f[2]}" for f in fields)]) for i in (0, 1))
+        self.console.status(long, short)
 
-
-# ---------------------------------------------------------------------------
-# The demo
-# ---------------------------------------------------------------------------
-
-
-async def _send(handle: BackgroundHandle, job: PlannedJob, progress: _Progress) -> None:
-    progress.waiting += 1
-    try:
-        await handle.send(job.fn, job.work, request_id=job.request_id, timeout=job.timeout)
-    except RuntimeClosedError:
-        progress.refused.append(job.fn.__name__)
-    else:
-        progress.accepted += 1
-    finally:
-        progress.waiting -= 1
-
-
-async def _submit_all(
-    handle: BackgroundHandle, scenario: Scenario, progress: _Progress, start: float
-) -> None:
-    # Each planned job is one "request". Requests whose job must not be lost wait in
-    # send(), each in its own task as a request handler would; the others spawn() and
-    # shed the job when the queue is full. Jobs already due are submitted without
-    # sleeping, so that a busy machine falls behind the plan as little as possible.
-    async with trio.open_nursery() as requests:
-        for job in scenario.jobs:
-            if job.at >= scenario.close_at and not progress.caught_up.is_set():
-                progress.caught_up.set()
-                await progress.closing.wait()
-            if start + job.at > trio.current_time():
-                await trio.sleep_until(start + job.at)
-            progress.submitted += 1
+    async def submit(self, handle: BackgroundHandle, job: PlannedJob) -> None:
+        """Submit one job, and count what the call did."""
+        self.submitted += 1
+        try:
             if job.wait:
-                requests.start_soon(_send, handle, job, progress)
-                continue
-            try:
-                handle.spawn(job.fn, job.work, request_id=job.request_id, timeout=job.timeout)
-            except QueueFullError:
-                progress.rejected += 1
-            except RuntimeClosedError:
-                progress.refused.append(job.fn.__name__)
+                await handle.send(
+                    job.run, name=job.name, request_id=job.request_id, timeout=job.timeout
+                )
             else:
-                progress.accepted += 1
-        progress.caught_up.set()
+                handle.spawn(job.run, name=job.name, request_id=job.request_id, timeout=job.timeout)
+        except QueueFullError:
+            self.rejected += 1
+        except RuntimeClosedError:
+            self.refused += 1
+        else:
+            self.accepted += 1
 
+    async def play(self, runtime: BackgroundRuntime) -> BackgroundShutdownError | None:
+        """Submit the planned jobs, close the runtime when planned (or on Ctrl-C), drain."""
+        start, handle = trio.current_time(), runtime.handle()
+        close_at, drain = self.scenario.close_at, self.scenario.config.drain_timeout
 
-async def _show_progress(
-    console: _Console,
-    runtime_statistics: Callable[[], BackgroundStatistics],
-    progress: _Progress,
-    start: float,
-    interval: float,
-) -> None:
-    tick = start
-    while True:
-        tick += interval
-        await trio.sleep_until(tick)
-        console.status(*_status_lines(trio.current_time() - start, progress, runtime_statistics()))
+        async def submit_all(jobs: Sequence[PlannedJob]) -> None:
+            # Each planned job is one "request". Those that wait in send() get a task each,
+            # as a request handler would; the others spawn() (which never waits) right here.
+            # Jobs already due are submitted without sleeping, so that a busy machine falls
+            # behind the plan as little as possible.
+            for job in jobs:
+                if start + job.at > trio.current_time():
+                    await trio.sleep_until(start + job.at)
+                if job.wait:
+                    requests.start_soon(self.submit, handle, job)
+                else:
+                    await self.submit(handle, job)  # never yields
 
+        before = [job for job in self.scenario.jobs if job.at < close_at]
+        async with trio.open_nursery() as requests:
+            with self.stop:
+                await submit_all(before)
+                await trio.sleep_until(start + close_at)
+            if not self.interrupted:  # the requests that arrive after aclose() began
+                requests.start_soon(submit_all, self.scenario.jobs[len(before) :])
+            now = trio.current_time() - start
+            why = "Ctrl-C: aclose() early" if self.interrupted else "aclose()"
+            self.console.message(f"{now:5.1f}s {why}: intake closed; draining up to {drain:g}s")
+            self.phase, self.deadline = "draining", now + drain
+            try:
+                await runtime.aclose()
+            except BackgroundShutdownError as exc:
+                return exc
+            finally:
+                self.phase = "closed"
+        return None
 
-def _self_check(
-    progress: _Progress,
-    stats: BackgroundStatistics,
-    report: BackgroundShutdownError | None,
-    tally: OutcomeTally,
-) -> list[str]:
-    """Compare what the demo did with what the statistics, report and instrument say."""
-    problems = []
-    states = (
-        stats.queued
-        + stats.running
-        + stats.completed
-        + stats.failed
-        + stats.timed_out
-        + stats.cancelled
-        + stats.dropped
-    )
-    if stats.accepted != states:
-        problems.append(f"accepted {stats.accepted} != sum of the states {states}")
-    if stats.queued or stats.running or not stats.closed:
-        problems.append(
-            f"after aclose(): queued {stats.queued}, running {stats.running}, closed {stats.closed}"
-        )
-    if stats.accepted != progress.accepted:
-        problems.append(f"accepted {stats.accepted}, but {progress.accepted} calls succeeded")
-    if stats.rejected != progress.rejected:
-        problems.append(f"rejected {stats.rejected}, but {progress.rejected} QueueFullErrors")
-    calls = progress.accepted + progress.rejected + len(progress.refused)
-    if calls != progress.submitted:
-        problems.append(f"{progress.submitted} calls made, {calls} came back")
-    if report is None:
-        problems.append(
-            "aclose() cut nothing off: expected a BackgroundShutdownError"
-            " (did the demo fall behind its plan? try fewer --jobs or a longer --duration)"
-        )
-    elif (len(report.cancelled), len(report.dropped)) != (stats.cancelled, stats.dropped):
-        problems.append(
-            f"report lists {len(report.cancelled)} cancelled / {len(report.dropped)} dropped,"
-            f" statistics count {stats.cancelled} / {stats.dropped}"
-        )
-    elif report.statistics != stats:
-        problems.append(f"report.statistics {report.statistics} != statistics() {stats}")
-    totals: Counter[str] = Counter()
-    for counts in tally.outcomes.values():
-        totals.update(counts)
-    for outcome in _OUTCOMES:
-        if totals[outcome] != getattr(stats, outcome):
+    async def show_progress(self, runtime: BackgroundRuntime, interval: float) -> None:
+        """Show the status line every ``interval`` seconds."""
+        start = tick = trio.current_time()
+        while True:
+            tick += interval
+            await trio.sleep_until(tick)
+            self.status(tick - start, runtime.statistics())
+
+    async def watch_ctrl_c(self, signals: AsyncIterator[int]) -> None:
+        """On Ctrl-C, stop submitting: `play` then closes the runtime at once."""
+        async for _ in signals:
+            self.interrupted = True
+            self.stop.cancel()
+
+    def self_check(
+        self, s: BackgroundStatistics, report: BackgroundShutdownError | None
+    ) -> list[str]:
+        """Compare the demo's own count of its calls with the statistics, report and instrument."""
+        states = " + ".join(f"{name} {getattr(s, name)}" for name in _STATES)
+        total = sum(getattr(s, name) for name in _STATES)
+        counts = [getattr(s, name) for name in _OUTCOMES]
+        seen = sum(self.outcomes.values(), Counter[str]())
+        checks: list[tuple[str, object, object]] = [
+            (f"accepted (counted by the demo) vs {states}", self.accepted, total),
+            ("statistics' accepted vs the demo's count", s.accepted, self.accepted),
+            ("statistics' rejected vs the demo's count", s.rejected, self.rejected),
+            ("queued + running after aclose()", s.queued + s.running, 0),
+            ("the instrument's counts vs statistics'", [seen[n] for n in _OUTCOMES], counts),
+        ]
+        if report is not None:
+            listed = (len(report.cancelled), len(report.dropped))
+            checks.append(("report's jobs vs cancelled, dropped", listed, (s.cancelled, s.dropped)))
+            checks.append(("report's statistics vs statistics()", report.statistics, s))
+        problems = [
+            f"{what}: {mine} != {theirs}" for what, mine, theirs in checks if mine != theirs
+        ]
+        if report is None and not self.interrupted:
             problems.append(
-                f"instrument saw {totals[outcome]} {outcome},"
-                f" statistics count {getattr(stats, outcome)}"
+                "aclose() cut nothing off: expected a BackgroundShutdownError"
+                " (did the demo fall behind its plan? try fewer --jobs or a longer --duration)"
             )
-    return problems
+        return problems
 
+    def table(self) -> list[str]:
+        """The instrument's counts by job name, with short column names if the long don't fit."""
+        rows = [
+            [name, *(str(counts[o]) for o in _OUTCOMES)]
+            for name, counts in sorted(self.outcomes.items())
+        ]
+        for header in (["job", *_OUTCOMES], ["job", "ok", "fail", "t/o", "cut", "drop", "rej"]):
+            widths = [max(map(len, column)) for column in zip(header, *rows, strict=False)]
+            if 1 + sum(w + 1 for w in widths) <= self.console.width:
+                break
+        return [
+            "  " + " ".join([row[0].ljust(widths[0]), *map(str.rjust, row[1:], widths[1:])])
+            for row in [header, *rows]
+        ]
 
-def _report_lines(
-    progress: _Progress,
-    stats: BackgroundStatistics,
-    report: BackgroundShutdownError | None,
-    drain_timeout: float,
-) -> list[str]:
-    lines = ["", "Shutdown report"]
-    if report is not None:
-        lines.append(f"  BackgroundShutdownError: {report}")
-        lines.append(f"  cancelled while running: {len(report.cancelled)}")
-        lines += _describe(report.cancelled)
-        lines.append(f"  dropped before starting: {len(report.dropped)}")
-        lines += _describe(report.dropped)
-    else:
-        lines.append(f"  aclose() returned None: all work finished within {drain_timeout:g}s")
-    if progress.refused:
-        names = ", ".join(f"{n} x{c}" for n, c in Counter(progress.refused).most_common())
-        lines.append(
-            f"  refused after aclose() began (RuntimeClosedError): {len(progress.refused)}"
-            f" ({names})"
-        )
-    lines.append(
-        f"  final statistics: accepted {stats.accepted} = completed {stats.completed}"
-        f" + failed {stats.failed} + timed_out {stats.timed_out}"
-        f" + cancelled {stats.cancelled} + dropped {stats.dropped}"
-        f" (queued {stats.queued}, running {stats.running})"
-    )
-    lines.append(
-        f"  submitted {progress.submitted} = accepted {stats.accepted}"
-        f" + rejected {stats.rejected} (QueueFullError) + refused {len(progress.refused)}"
-    )
-    return lines
+    def report(self, s: BackgroundStatistics, report: BackgroundShutdownError | None) -> list[str]:
+        """The shutdown report, and the instrument's table."""
+        lines = ["", "Shutdown report"]
+        if self.interrupted:
+            lines.append("  interrupted by Ctrl-C")
+        if report is None:
+            lines.append("  aclose() returned None: all work finished within drain_timeout")
+        else:
+            lines.append(f"  BackgroundShutdownError: {report}")
+            lines.append(f"  cancelled while running: {len(report.cancelled)}")
+            lines.append(f"  dropped before starting: {len(report.dropped)}")
+        if self.refused:
+            lines.append(f"  refused after aclose() began (RuntimeClosedError): {self.refused}")
+        return [
+            *lines,
+            f"  final statistics: accepted {s.accepted} = completed {s.completed}"
+            f" + failed {s.failed} + timed_out {s.timed_out} + cancelled {s.cancelled}"
+            f" + dropped {s.dropped} (queued {s.queued}, running {s.running})",
+            f"  submitted {self.submitted} = accepted {self.accepted}"
+            f" + rejected {self.rejected} (QueueFullError) + refused {self.refused}",
+            "",
+            "Outcomes by job name (counted by a BackgroundInstrument)",
+            *self.table(),
+        ]
 
 
 async def run_demo(
-    options: DemoOptions,
-    out: TextIO,
-    *,
-    interactive: bool = False,
-    width: int = 80,
+    options: DemoOptions, out: TextIO, *, interactive: bool = False, width: int = 80
 ) -> int:
-    r"""Run the demo in the current Trio run.
+    r"""Run the demo in the current Trio run (its main thread) and return the exit status.
 
-    Args:
-        options: What to run.
-        out: Where to write the output.
-        interactive: Rewrite one status line in place with ``\r`` (for a terminal)
-            instead of writing one plain line per period.
-        width: Terminal width; interactive status lines are cut to fit.
-
-    Returns:
-        The exit status: 0 when the demo ran as designed (the shutdown report is
-        expected), 1 when its self-check found the statistics, the report and the
-        instrument disagreeing with each other or with what the demo submitted.
+    ``interactive`` rewrites the status line in place with ``\r`` (for a terminal); every
+    line fits in ``width`` columns. The status is 0 when the demo ran as designed, 1 when
+    its self-check failed, else `INTERRUPTED` or `OUTPUT_CUT`.
     """
     scenario = build_scenario(options)
     config = scenario.config
-    console = _Console(out, interactive=interactive, width=width)
-    interval = min(0.1 if interactive else 1.0, options.duration / 10)
-    tally = OutcomeTally()
-    progress = _Progress(planned=len(scenario.jobs))
-    report: BackgroundShutdownError | None = None
-
-    console.message(
-        f"trio_background demo: {len(scenario.jobs)} jobs in ~{options.duration:g}s"
-        f" (seed {options.seed}; repeat with --seed {options.seed})"
-    )
-    console.message(
-        f"  config: max_concurrent_tasks={config.max_concurrent_tasks}"
-        f" max_queue_size={config.max_queue_size} job_timeout={config.job_timeout:g}s"
-        f" drain_timeout={config.drain_timeout:g}s"
-    )
-    with _quiet_job_logs(console) as log_handler:
+    logger = logging.getLogger("trio_background")
+    saved = logger.level, logger.propagate
+    with trio.CancelScope() as cancel_scope, trio.open_signal_receiver(signal.SIGINT) as ctrl_c:
+        console = _Console(out, interactive, width, on_gone=cancel_scope.cancel)
+        run = _Run(scenario, console)
+        console.message(
+            f"trio_background demo: {len(scenario.jobs)} jobs in ~{options.duration:g}s"
+            f" (seed {options.seed}; --seed {options.seed} repeats this plan)"
+        )
+        console.message(
+            f"  config: max_concurrent_tasks={config.max_concurrent_tasks}"
+            f" max_queue_size={config.max_queue_size} job_timeout={config.job_timeout:g}s"
+            f" drain_timeout={config.drain_timeout:g}s"
+        )
         start = trio.current_time()
-        async with trio.open_nursery() as display:
-            async with open_background_runtime(config, instruments=[tally]) as runtime:
-                display.start_soon(
-                    _show_progress, console, runtime.statistics, progress, start, interval
-                )
-                async with trio.open_nursery() as requests:
-                    requests.start_soon(_submit_all, runtime.handle(), scenario, progress, start)
-                    await trio.sleep_until(start + scenario.close_at)
-                    # On a machine too busy to keep to the plan, close only once the
-                    # submitter has made every call planned before the close.
-                    await progress.caught_up.wait()
-                    now = trio.current_time() - start
-                    console.message(
-                        f"{now:5.1f}s aclose(): intake closed; draining for up to"
-                        f" {config.drain_timeout:g}s"
-                    )
-                    progress.phase = "draining"
-                    progress.deadline = now + config.drain_timeout
-                    progress.closing.set()
-                    try:
-                        await runtime.aclose()
-                    except BackgroundShutdownError as exc:
-                        report = exc
-                    progress.phase = "closed"
-                stats = runtime.statistics()
-            display.cancel_scope.cancel()
-        console.status(*_status_lines(trio.current_time() - start, progress, stats))
-        console.finish()
-
-    lines = _report_lines(progress, stats, report, config.drain_timeout)
-    lines += ["", "Outcomes by job name (counted by a BackgroundInstrument)", *tally.table()]
-    lines += ["", log_handler.summary()]
-    problems = _self_check(progress, stats, report, tally)
-    if problems:
-        lines.append("Self-check FAILED:")
-        lines += [f"  {problem}" for problem in problems]
-    else:
-        lines.append("Self-check passed: the counters add up; report and instrument agree.")
-    for line in lines:
-        console.message(line)
-    return 1 if problems else 0
+        logger.addHandler(console)
+        logger.setLevel(logging.WARNING)
+        logger.propagate = False
+        try:
+            async with trio.open_nursery() as display:
+                display.start_soon(run.watch_ctrl_c, ctrl_c)
+                async with open_background_runtime(config, instruments=[run]) as runtime:
+                    interval = min(0.1 if interactive else 1.0, options.duration / 10)
+                    display.start_soon(run.show_progress, runtime, interval)
+                    report = await run.play(runtime)
+                display.cancel_scope.cancel()
+        finally:
+            logger.removeHandler(console)
+            logger.level, logger.propagate = saved
+        stats = runtime.statistics()
+        run.status(trio.current_time() - start, stats)
+        lines = run.report(stats, report)
+        if problems := run.self_check(stats, report):
+            lines += ["Self-check FAILED:", *(f"  {problem}" for problem in problems)]
+        else:
+            lines.append("Self-check passed: the counters add up; report and instrument agree.")
+        for i, line in enumerate(lines):
+            console.message(line, end=i == 0)
+    if console.gone:
+        return OUTPUT_CUT
+    return INTERRUPTED if run.interrupted else 1 if problems else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m trio_background``.
-
-    Args:
-        argv: Command-line arguments without the program name (`None`: `sys.argv`).
-
-    Returns:
-        The process exit status (130 after Ctrl-C).
-    """
-    options = parse_args(argv)
-    out = sys.stdout
-    interactive = out.isatty()
-    width = shutil.get_terminal_size().columns
-    demo = functools.partial(run_demo, options, out, interactive=interactive, width=width)
+    """Entry point of ``python -m trio_background``: run the demo, return the exit status."""
     try:
-        return trio.run(demo)
-    except KeyboardInterrupt:
-        pass
-    except BaseExceptionGroup as group:
-        # Ctrl-C arrives in the main task, inside the demo's nurseries.
-        if group.split(KeyboardInterrupt)[1] is not None:
-            raise
-    out.write("\ninterrupted\n")
-    return 130
+        try:
+            options = parse_args(argv)
+            out, width = sys.stdout, shutil.get_terminal_size().columns  # honours COLUMNS
+            status = trio.run(lambda: run_demo(options, out, interactive=out.isatty(), width=width))
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
+    except KeyboardInterrupt:  # Ctrl-C before or after the demo watches for it
+        status = INTERRUPTED
+    except BrokenPipeError:
+        status = OUTPUT_CUT
+    if status == OUTPUT_CUT:
+        # Python's advice (the signal module's "Note on SIGPIPE"): point stdout at devnull,
+        # so that nothing more fails on the closed pipe (not even the final flush), and exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return status
