@@ -71,8 +71,12 @@ html_title = f"trio-background {release}"
 html_theme_options = {
     "description": "Bounded, supervised background jobs for Trio",
     "fixed_sidebar": True,
+    # Previous / next links under every page (alabaster shows none by default).
+    "show_relbar_bottom": True,
 }
-html_static_path: list[str] = []
+# Only the stylesheet: the docs' images under _static/ reach the output through
+# the image directive. alabaster links _static/custom.css after its own CSS.
+html_static_path: list[str] = ["_static/custom.css"]
 
 
 def _use_offline_inventories(app: Any, config: Any) -> None:
