@@ -3,6 +3,9 @@
 Build with::
 
     sphinx-build -W --keep-going -n -b html docs docs/_build/html
+
+in an environment with only ``pip install '.[docs]'`` (no other extra is needed:
+``prometheus_client`` is mocked). ``.ci/run`` builds them that way.
 """
 
 from __future__ import annotations
