@@ -1,4 +1,4 @@
-"""Run the live demo: ``python -m trio_background [--duration SECONDS] [--jobs N] [--seed S]``."""
+"""Run the live demo, ``python -m trio_background`` (``--help`` lists its options)."""
 
 import sys
 

@@ -1,9 +1,4 @@
-"""The live demo, ``python -m trio_background``: a busy day of a web service in ~10 s.
-
-Requests submit a few thousand simulated jobs with ``spawn`` (shed with `QueueFullError`
-when the queue is full) or ``send`` (backpressure); some fail or hang until their timeout,
-and at shutdown the drain deadline cuts the last ones off (see `build_scenario`).
-"""
+"""The live demo, ``python -m trio_background``: a busy day of a web service in ~10 s."""
 
 from __future__ import annotations
 
@@ -37,19 +32,17 @@ from . import (
     open_background_runtime,
 )
 
-# Exit statuses besides 0 (ran as designed) and 1 (self-check failed): like other
-# command-line tools, what a shell shows for a program stopped by SIGINT or SIGPIPE (128 +
-# the signal's number), so that a script can tell a cut-short run from a complete one.
+# Exit statuses besides 0 (as designed) and 1 (self-check failed): like other command-line
+# tools, what a shell shows for a program stopped by SIGINT or SIGPIPE (128 + the signal).
 INTERRUPTED = 130  # Ctrl-C (the runtime still drained and the report was printed)
 OUTPUT_CUT = 141  # stdout was closed early, as by ``| head`` (the demo stopped at once)
 
-_SHOWN = 3  # log records shown per level (the others are counted), cut-off jobs listed
+_SHOWN = 3  # log records shown per level
 _OUTCOMES = ("completed", "failed", "timed_out", "cancelled", "dropped", "rejected")
 _STATES = ("queued", "running", *_OUTCOMES[:5])  # what every accepted job is, at any time
 
 
-@attrs.frozen
-class DemoOptions:
+class DemoOptions(NamedTuple):
     """What the demo runs: its length in seconds, how many jobs, and the plan's seed."""
 
     duration: float = 10.0
@@ -61,9 +54,8 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoOptions:
     """Parse the command line (`None`: ``sys.argv``); without ``--seed``, pick a seed."""
     parser = argparse.ArgumentParser(
         prog="python -m trio_background",
-        description="Live demo of trio_background: a few thousand simulated background jobs"
-        " (some fail, some time out) with a live statistics line, then a shutdown whose drain"
-        " deadline cuts the last jobs off, and its report. Ctrl-C closes the runtime early.",
+        description="Live demo of trio_background: simulated background jobs with a live"
+        " statistics line, then a shutdown that cuts the last jobs off, and its report.",
     )
     parser.add_argument(
         "--duration",
@@ -76,14 +68,12 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoOptions:
         "--jobs",
         type=int,
         default=3000,
-        metavar="N",
-        help="number of jobs to submit, at least 20 (default: 3000); much more than 1000 per"
-        " second of --duration may be more than a busy machine can keep up with",
+        help="number of jobs, at least 20 (default: 3000; a busy machine may not keep up with"
+        " much more than 1000 per second of --duration)",
     )
     parser.add_argument(
         "--seed",
         type=int,
-        metavar="SEED",
         help="fix the plan: which jobs are submitted, when, and which ones fail or hang"
         " (default: random; the demo prints it). It does not fix the outcome: timings vary"
         " on a loaded machine, and so do the counts that depend on them",
@@ -97,16 +87,15 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoOptions:
     return DemoOptions(args.duration, args.jobs, seed)
 
 
-# The ordinary jobs: weight, mean duration (in mean job durations), chance of failing,
-# chance of hanging until the timeout, timeout (in mean job durations; None: the config's
-# job_timeout), submitted with ``await send()`` (must not be lost) rather than ``spawn()``,
-# and the error raised by those that fail.
+# Ordinary jobs: weight, mean duration and timeout (in mean durations; None: job_timeout),
+# chances of failing and of hanging until the timeout, whether submitted with ``await
+# send()`` (must not be lost) rather than ``spawn()``, and the error they fail with.
 _KINDS = {
-    "send_email": (25, 1.5, 0.04, 0.005, None, True, BackgroundJobError, "SMTP 451 try later"),
-    "warm_cache": (25, 0.5, 0.01, 0.03, 2.0, False, ConnectionError, "redis refused"),
-    "write_audit": (30, 0.3, 0.005, 0.0, None, True, OSError, "audit log is read-only"),
-    "resize_image": (10, 3.0, 0.03, 0.0, None, False, ValueError, "cannot decode the image"),
-    "call_webhook": (10, 1.5, 0.08, 0.05, None, False, ConnectionError, "webhook returned 503"),
+    "send_email": (25, 1.5, None, 0.04, 0.005, True, BackgroundJobError, "SMTP 451 try later"),
+    "warm_cache": (25, 0.5, 2.0, 0.01, 0.03, False, ConnectionError, "redis refused"),
+    "write_audit": (30, 0.3, None, 0.005, 0.0, True, OSError, "audit log is read-only"),
+    "resize_image": (10, 3.0, None, 0.03, 0.0, False, ValueError, "cannot decode the image"),
+    "call_webhook": (10, 1.5, None, 0.08, 0.05, False, ConnectionError, "webhook returned 503"),
 }
 
 
@@ -123,7 +112,6 @@ class PlannedJob(NamedTuple):
     failure: Exception | None = None  # raised after working
 
     async def run(self) -> None:
-        """The job's code: work (sleep), hang, or fail."""
         if self.hang:
             await trio.sleep_forever()
         await trio.sleep(self.seconds)
@@ -149,22 +137,19 @@ def build_scenario(options: DemoOptions) -> Scenario:
     * 0 to 0.7 D: ordinary jobs, keeping the runtime about half busy; a third of them
       arrive in two bursts (at 0.25 D and 0.5 D) that fill the queue for a moment.
     * 0.72 D: slow ``export_report`` jobs (with a timeout longer than the short
-      ``job_timeout``), as many as the slots plus half the queue.
-    * 0.74 to 0.79 D: a few more ordinary jobs, queued behind the slow ones.
-    * 0.8 D: ``aclose()`` with ``drain_timeout`` 0.15 D: the slow jobs are cancelled, the
-      late ones dropped. 0.85 D: a few requests arrive and get `RuntimeClosedError`.
+      ``job_timeout``), enough to fill every slot and half the queue.
+    * 0.8 D: ``aclose()`` with ``drain_timeout`` 0.15 D: the slow jobs are cut off (those
+      running cancelled, the others dropped). At 0.85 D a few requests still arrive.
     """
     rng, d = random.Random(options.seed), options.duration
     slots = max(4, min(64, options.jobs // 60))
-    queue = 2 * slots
-    n_slow = min(options.jobs // 4, slots + queue // 2)
-    n_late = min(options.jobs // 10, queue // 4)
+    n_slow = min(options.jobs // 4, 2 * slots)
     n_after = min(3, options.jobs // 20)
-    n_regular = options.jobs - n_slow - n_late - n_after
+    n_regular = options.jobs - n_slow - n_after
     window = 0.7 * d
     mean = _nice(0.5 * slots * window / n_regular)
     config = BackgroundTaskConfig(
-        max_queue_size=queue,
+        max_queue_size=2 * slots,
         max_concurrent_tasks=slots,
         drain_timeout=_nice(0.15 * d),
         job_timeout=_nice(6 * mean),
@@ -181,7 +166,7 @@ def build_scenario(options: DemoOptions) -> Scenario:
 
     def ordinary(at: float) -> PlannedJob:
         name = rng.choices(list(_KINDS), [kind[0] for kind in _KINDS.values()])[0]
-        _, cost, fail, hang, timeout, wait, error, message = _KINDS[name]
+        _, cost, timeout, fail, hang, wait, error, message = _KINDS[name]
         seconds, hangs = cost * mean * rng.uniform(0.3, 1.7), rng.random() < hang
         failure = error(message) if rng.random() < fail else None
         timeout = None if timeout is None else _nice(timeout * mean)
@@ -191,18 +176,15 @@ def build_scenario(options: DemoOptions) -> Scenario:
     for _ in range(n_slow):
         seconds = 0.5 * d * rng.uniform(1.0, 1.5)
         jobs.append(PlannedJob(0.72 * d, "export_report", seconds, next(ids), timeout=d))
-    jobs += [ordinary(at) for at in sorted(rng.uniform(0.74, 0.79) * d for _ in range(n_late))]
-    jobs += [
-        PlannedJob(0.85 * d, "write_audit", mean, next(ids), wait=True) for _ in range(n_after)
-    ]
+    for _ in range(n_after):
+        jobs.append(PlannedJob(0.85 * d, "write_audit", mean, next(ids), wait=True))
     return Scenario(config, tuple(jobs), close_at=0.8 * d)
 
 
 class _Console(logging.Handler):
-    """Writes lines wrapped to the width, the status line, and a few of the library's logs.
+    """Writes wrapped lines, the status line (in place on a terminal), a few log records.
 
-    The status line is rewritten in place on a terminal. Once the reader has gone
-    (``BrokenPipeError``), it writes nothing more and calls ``on_gone``, to stop the demo.
+    Once the reader has gone (``BrokenPipeError``), writes nothing more and calls ``on_gone``.
     """
 
     def __init__(self, out: TextIO, interactive: bool, width: int, on_gone: Callable[[], object]):
@@ -211,7 +193,7 @@ class _Console(logging.Handler):
         self.width = max(width, 30)
         self.gone = False
         self._status_len = 0  # length of the status line on screen (interactive)
-        self.records: Counter[str] = Counter()  # log records seen, by level name
+        self._records: Counter[str] = Counter()  # log records seen, by level
 
     def _write(self, text: str) -> None:
         try:
@@ -222,29 +204,29 @@ class _Console(logging.Handler):
             self.gone = True
             self._on_gone()
 
-    def status(self, line: str, short: str) -> None:
-        """Show the status ``line``, or its ``short`` form if ``line`` is too wide."""
-        if not self._interactive:
-            return self.message(line if len(line) <= self.width else short)
-        line = line if len(line) < self.width else short[: self.width - 1]
+    def status(self, head: str, fields: list[tuple[str, str]], *, final: bool = False) -> None:
+        line = " ".join([head, *(long for long, _ in fields)])
+        parts = [head, *(short for _, short in fields)] if len(line) >= self.width else [line]
+        if not self._interactive or final:
+            return self.message(" ".join(parts))
+        while len(" ".join(parts)) >= self.width and len(parts) > 1:
+            parts.pop()  # drop whole fields: a cut number would mislead
+        line = " ".join(parts)
         self._write("\r" + line.ljust(self._status_len))
         self._status_len = len(line)
 
-    def message(self, text: str = "", *, end: bool = False) -> None:
-        """Write ``text`` above the status line (or, with ``end``, below its last state)."""
-        if self._status_len:
-            self._write("\n" if end else "\r" + " " * self._status_len + "\r")
-            self._status_len = 0
+    def message(self, text: str) -> None:
+        self._write("\r" + " " * self._status_len + "\r" if self._status_len else "")
+        self._status_len = 0
         indent = " " * (len(text) - len(text.lstrip()) + 4)
         lines = textwrap.wrap(text, self.width, subsequent_indent=indent, break_on_hyphens=False)
         self._write("".join(line + "\n" for line in lines or [""]))
 
     def emit(self, record: logging.LogRecord) -> None:
-        """Show the record if it is one of the first few of its level."""
         level, text = record.levelname, record.getMessage()
-        self.records[level] += 1
-        if self.records[level] > _SHOWN:
-            if self.records[level] == _SHOWN + 1:
+        self._records[level] += 1
+        if self._records[level] > _SHOWN:
+            if self._records[level] == _SHOWN + 1:
                 self.message(f"  log   (further {level} records not shown)")
             return
         if record.exc_info and record.exc_info[1] is not None:
@@ -259,7 +241,6 @@ class _Run(BackgroundInstrument):
     scenario: Scenario
     console: _Console
     outcomes: defaultdict[str, Counter[str]] = attrs.Factory(lambda: defaultdict(Counter))
-    phase: str = "submitting"
     submitted: int = 0  # spawn/send calls made
     accepted: int = 0  # ... that returned normally
     rejected: int = 0  # ... that raised QueueFullError
@@ -277,27 +258,28 @@ class _Run(BackgroundInstrument):
     def job_dropped(self, job: BackgroundJobMetadata) -> None:
         self.outcomes[job.name]["dropped"] += 1
 
-    def status(self, now: float, s: BackgroundStatistics) -> None:
-        """Show the status line (or a short form of it, on a narrow terminal)."""
-        phase = self.phase
-        if phase == "draining":
-            phase += f" ({max(self.deadline - now, 0.0):.1f}s left)"
-        fields = [
-            ("| queued", "q", f"{s.queued:>3}/{s.max_queue_size}"),
-            ("running", "run", f"{s.running:>3}/{s.max_concurrent_tasks}"),
-            ("| completed", "ok", s.completed),
-            ("failed", "fail", s.failed),
-            ("timed_out", "t/o", s.timed_out),
-            ("rejected", "rej", s.rejected),
-        ]
-        if s.closed:
-            fields += [("| cancelled", "cut", s.cancelled), ("dropped", "drop", s.dropped)]
+    def status(self, now: float, s: BackgroundStatistics, *, final: bool = False) -> None:
+        if not s.closed:
+            phase = "submitting"
+        elif s.queued or s.running:
+            phase = f"draining ({max(self.deadline - now, 0.0):.1f}s left)"
+        else:
+            phase = "closed"
         head = f"{now:5.1f}s {phase} {self.submitted}/{len(self.scenario.jobs)}"
-        long, short = (" ".join([head, *(f"{f[i]} {f[2]}" for f in fields)]) for i in (0, 1))
-        self.console.status(long, short)
+        fields = [
+            (f"| queued {s.queued:>3}/{s.max_queue_size}", f"q {s.queued}/{s.max_queue_size}"),
+            (f"running {s.running:>3}/{s.max_concurrent_tasks}", f"run {s.running}"),
+            (f"| completed {s.completed}", f"ok {s.completed}"),
+            (f"failed {s.failed}", f"fail {s.failed}"),
+            (f"timed_out {s.timed_out}", f"t/o {s.timed_out}"),
+            (f"rejected {s.rejected}", f"rej {s.rejected}"),
+        ]
+        if s.cancelled or s.dropped:
+            fields += [(f"| cancelled {s.cancelled}", f"cut {s.cancelled}")]
+            fields += [(f"dropped {s.dropped}", f"drop {s.dropped}")]
+        self.console.status(head, fields, final=final)
 
     async def submit(self, handle: BackgroundHandle, job: PlannedJob) -> None:
-        """Submit one job, and count what the call did."""
         self.submitted += 1
         try:
             if job.wait:
@@ -319,10 +301,9 @@ class _Run(BackgroundInstrument):
         close_at, drain = self.scenario.close_at, self.scenario.config.drain_timeout
 
         async def submit_all(jobs: Sequence[PlannedJob]) -> None:
-            # Each planned job is one "request". Those that wait in send() get a task each,
-            # as a request handler would; the others spawn() (which never waits) right here.
-            # Jobs already due are submitted without sleeping, so that a busy machine falls
-            # behind the plan as little as possible.
+            # Each job is a "request": those that wait in send() get a task each, as request
+            # handlers would; the others spawn() right here. Jobs already due are submitted
+            # without sleeping, so that a busy machine falls behind the plan less.
             for job in jobs:
                 if start + job.at > trio.current_time():
                     await trio.sleep_until(start + job.at)
@@ -341,17 +322,14 @@ class _Run(BackgroundInstrument):
             now = trio.current_time() - start
             why = "Ctrl-C: aclose() early" if self.interrupted else "aclose()"
             self.console.message(f"{now:5.1f}s {why}: intake closed; draining up to {drain:g}s")
-            self.phase, self.deadline = "draining", now + drain
+            self.deadline = now + drain
             try:
                 await runtime.aclose()
             except BackgroundShutdownError as exc:
                 return exc
-            finally:
-                self.phase = "closed"
         return None
 
     async def show_progress(self, runtime: BackgroundRuntime, interval: float) -> None:
-        """Show the status line every ``interval`` seconds."""
         start = tick = trio.current_time()
         while True:
             tick += interval
@@ -359,130 +337,93 @@ class _Run(BackgroundInstrument):
             self.status(tick - start, runtime.statistics())
 
     async def watch_ctrl_c(self, signals: AsyncIterator[int]) -> None:
-        """On Ctrl-C, stop submitting: `play` then closes the runtime at once."""
+        # On Ctrl-C, stop submitting: `play` then closes the runtime at once.
         async for _ in signals:
             self.interrupted = True
             self.stop.cancel()
 
-    def self_check(
-        self, s: BackgroundStatistics, report: BackgroundShutdownError | None
-    ) -> list[str]:
+    def check(self, s: BackgroundStatistics, report: BackgroundShutdownError | None) -> list[str]:
         """Compare the demo's own count of its calls with the statistics, report and instrument."""
         states = " + ".join(f"{name} {getattr(s, name)}" for name in _STATES)
         total = sum(getattr(s, name) for name in _STATES)
-        counts = [getattr(s, name) for name in _OUTCOMES]
         seen = sum(self.outcomes.values(), Counter[str]())
         checks: list[tuple[str, object, object]] = [
             (f"accepted (counted by the demo) vs {states}", self.accepted, total),
             ("statistics' accepted vs the demo's count", s.accepted, self.accepted),
             ("statistics' rejected vs the demo's count", s.rejected, self.rejected),
             ("queued + running after aclose()", s.queued + s.running, 0),
-            ("the instrument's counts vs statistics'", [seen[n] for n in _OUTCOMES], counts),
+            *((f"instrument's vs statistics' {n}", seen[n], getattr(s, n)) for n in _OUTCOMES),
         ]
         if report is not None:
             listed = (len(report.cancelled), len(report.dropped))
             checks.append(("report's jobs vs cancelled, dropped", listed, (s.cancelled, s.dropped)))
             checks.append(("report's statistics vs statistics()", report.statistics, s))
-        problems = [
-            f"{what}: {mine} != {theirs}" for what, mine, theirs in checks if mine != theirs
-        ]
+        problems = [f"{what}: {a} != {b}" for what, a, b in checks if a != b]
         if report is None and not self.interrupted:
-            problems.append(
-                "aclose() cut nothing off: expected a BackgroundShutdownError"
-                " (did the demo fall behind its plan? try fewer --jobs or a longer --duration)"
-            )
+            problems.append("aclose() cut nothing off: the demo fell behind (try fewer --jobs)")
         return problems
 
-    def table(self) -> list[str]:
-        """The instrument's counts by job name, with short column names if the long don't fit."""
-        rows = [
-            [name, *(str(counts[o]) for o in _OUTCOMES)]
-            for name, counts in sorted(self.outcomes.items())
-        ]
+    def report(self, s: BackgroundStatistics, report: BackgroundShutdownError | None) -> list[str]:
+        rows = [[k, *(str(n[o]) for o in _OUTCOMES)] for k, n in sorted(self.outcomes.items())]
         for header in (["job", *_OUTCOMES], ["job", "ok", "fail", "t/o", "cut", "drop", "rej"]):
             widths = [max(map(len, column)) for column in zip(header, *rows, strict=False)]
             if 1 + sum(w + 1 for w in widths) <= self.console.width:
-                break
+                break  # else the short column names, for narrow terminals
         return [
-            "  " + " ".join([row[0].ljust(widths[0]), *map(str.rjust, row[1:], widths[1:])])
-            for row in [header, *rows]
-        ]
-
-    def report(self, s: BackgroundStatistics, report: BackgroundShutdownError | None) -> list[str]:
-        """The shutdown report, and the instrument's table."""
-        lines = ["", "Shutdown report"]
-        if self.interrupted:
-            lines.append("  interrupted by Ctrl-C")
-        if report is None:
-            lines.append("  aclose() returned None: all work finished within drain_timeout")
-        else:
-            lines.append(f"  BackgroundShutdownError: {report}")
-            lines.append(f"  cancelled while running: {len(report.cancelled)}")
-            lines.append(f"  dropped before starting: {len(report.dropped)}")
-        if self.refused:
-            lines.append(f"  refused after aclose() began (RuntimeClosedError): {self.refused}")
-        return [
-            *lines,
+            "",
+            "Shutdown report",
+            f"  BackgroundShutdownError: {report}"
+            if report is not None
+            else "  aclose() returned None: all work finished within drain_timeout",
             f"  final statistics: accepted {s.accepted} = completed {s.completed}"
             f" + failed {s.failed} + timed_out {s.timed_out} + cancelled {s.cancelled}"
             f" + dropped {s.dropped} (queued {s.queued}, running {s.running})",
             f"  submitted {self.submitted} = accepted {self.accepted}"
-            f" + rejected {self.rejected} (QueueFullError) + refused {self.refused}",
+            f" + rejected {self.rejected} (QueueFullError)"
+            f" + refused {self.refused} (RuntimeClosedError, after aclose() began)",
             "",
             "Outcomes by job name (counted by a BackgroundInstrument)",
-            *self.table(),
+            *(
+                "  " + " ".join([row[0].ljust(widths[0]), *map(str.rjust, row[1:], widths[1:])])
+                for row in [header, *rows]
+            ),
         ]
 
 
 async def run_demo(
     options: DemoOptions, out: TextIO, *, interactive: bool = False, width: int = 80
 ) -> int:
-    r"""Run the demo in the current Trio run (its main thread) and return the exit status.
-
-    ``interactive`` rewrites the status line in place with ``\r`` (for a terminal); every
-    line fits in ``width`` columns. The status is 0 when the demo ran as designed, 1 when
-    its self-check failed, else `INTERRUPTED` or `OUTPUT_CUT`.
-    """
+    """Run the demo in this Trio run; return 0, 1 (self-check failed), INTERRUPTED or OUTPUT_CUT."""
     scenario = build_scenario(options)
-    config = scenario.config
     logger = logging.getLogger("trio_background")
-    saved = logger.level, logger.propagate
     with trio.CancelScope() as cancel_scope, trio.open_signal_receiver(signal.SIGINT) as ctrl_c:
         console = _Console(out, interactive, width, on_gone=cancel_scope.cancel)
         run = _Run(scenario, console)
         console.message(
             f"trio_background demo: {len(scenario.jobs)} jobs in ~{options.duration:g}s"
-            f" (seed {options.seed}; --seed {options.seed} repeats this plan)"
+            f" (--seed {options.seed} repeats this plan)"
         )
-        console.message(
-            f"  config: max_concurrent_tasks={config.max_concurrent_tasks}"
-            f" max_queue_size={config.max_queue_size} job_timeout={config.job_timeout:g}s"
-            f" drain_timeout={config.drain_timeout:g}s"
-        )
+        console.message(f"  {scenario.config!r}")
         start = trio.current_time()
         logger.addHandler(console)
-        logger.setLevel(logging.WARNING)
-        logger.propagate = False
         try:
             async with trio.open_nursery() as display:
                 display.start_soon(run.watch_ctrl_c, ctrl_c)
-                async with open_background_runtime(config, instruments=[run]) as runtime:
+                async with open_background_runtime(scenario.config, instruments=[run]) as runtime:
                     interval = min(0.1 if interactive else 1.0, options.duration / 10)
                     display.start_soon(run.show_progress, runtime, interval)
                     report = await run.play(runtime)
                 display.cancel_scope.cancel()
         finally:
             logger.removeHandler(console)
-            logger.level, logger.propagate = saved
         stats = runtime.statistics()
-        run.status(trio.current_time() - start, stats)
-        lines = run.report(stats, report)
-        if problems := run.self_check(stats, report):
-            lines += ["Self-check FAILED:", *(f"  {problem}" for problem in problems)]
-        else:
-            lines.append("Self-check passed: the counters add up; report and instrument agree.")
-        for i, line in enumerate(lines):
-            console.message(line, end=i == 0)
+        run.status(trio.current_time() - start, stats, final=True)
+        problems = run.check(stats, report)
+        verdict = ["Self-check FAILED:", *(f"  {problem}" for problem in problems)]
+        if not problems:
+            verdict = ["Self-check passed: the counters add up; report and instrument agree."]
+        for line in run.report(stats, report) + verdict:
+            console.message(line)
     if console.gone:
         return OUTPUT_CUT
     return INTERRUPTED if run.interrupted else 1 if problems else 0
