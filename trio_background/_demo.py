@@ -54,8 +54,8 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoOptions:
     """Parse the command line (`None`: ``sys.argv``); without ``--seed``, pick a seed."""
     parser = argparse.ArgumentParser(
         prog="python -m trio_background",
-        description="Live demo of trio_background: simulated background jobs with a live"
-        " statistics line, then a shutdown that cuts the last jobs off, and its report.",
+        description="Live demo of trio_background: simulated jobs, a live statistics line, then"
+        " a shutdown that cuts the last jobs off, and its report (Ctrl-C: shut down early).",
     )
     parser.add_argument(
         "--duration",
