@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import functools
-import inspect
 import gc
+import inspect
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 import pytest
@@ -66,18 +67,22 @@ async def test_accepted_counts_successful_submissions_only(
 async def test_spawn_is_atomic_when_starting_the_task_fails(
     error: type[BaseException], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    real = trio.Nursery.start_soon
+    failing = False
+
+    def start_soon(self: trio.Nursery, *args: Any, **kwargs: Any) -> None:
+        if failing:
+            raise error("inside Trio")
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(trio.Nursery, "start_soon", start_soon)
     async with open_background_runtime() as runtime:
         handle = runtime.handle()
         before = runtime.statistics()
-        real = trio.Nursery.start_soon
-
-        def broken(*args: object, **kwargs: object) -> None:
-            raise error("inside Trio")
-
-        monkeypatch.setattr(trio.Nursery, "start_soon", broken)
+        failing = True
         with pytest.raises(error):
             handle.spawn(sleeper, 1)
-        monkeypatch.setattr(trio.Nursery, "start_soon", real)
+        failing = False
         assert runtime.statistics() == before
         # No slot was kept: the runtime still takes and runs jobs, and closes.
         handle.spawn(sleeper, 0)

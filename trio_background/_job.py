@@ -22,8 +22,8 @@ if TYPE_CHECKING:
     import contextvars
     from collections.abc import Callable
 
-#: Where a job is in its life. A job holds a slot exactly while it is RUNNING; ``begun``
-#: tells whether its code has been called yet.
+#: Where a job is in its life. A job holds a slot exactly while it is RUNNING (its code
+#: may not have been called yet: see the runtime's design note).
 QUEUED = "queued"
 RUNNING = "running"
 #: Final statuses, each counted under the `BackgroundStatistics` field of the same name.
@@ -68,12 +68,12 @@ class Job:
     __slots__ = (
         "_metadata",
         "args",
-        "begun",
         "context",
         "fn",
         "name",
         "request_id",
         "seq",
+        "slot",
         "started_at",
         "status",
         "timeout",
@@ -99,8 +99,8 @@ class Job:
         #: Acceptance order, from 1; 0 while not accepted.
         self.seq = 0
         self.status = QUEUED
-        #: Whether the job's code has been called (set in its own task, on its first step).
-        self.begun = False
+        #: The slot object the job holds while RUNNING (see `Admission`).
+        self.slot: object = None
         self.started_at = 0.0
         self._metadata: BackgroundJobMetadata | None = None
 
@@ -118,22 +118,7 @@ class Job:
         self.context = None
 
 
-def make_job(
-    method: str,
-    fn: object,
-    args: tuple[object, ...],
-    name: object,
-    request_id: object,
-    timeout: object,
-    default_timeout: float | None,
-) -> Job:
-    """Check what a caller passed to ``spawn``/``send`` and build the job record.
-
-    Raises:
-        TypeError: ``fn`` is not an async function (a coroutine object, which is closed;
-            a builtin; a class; not callable), or an option has the wrong type.
-        ValueError: ``timeout`` is out of range.
-    """
+def _check_callable(method: str, fn: object) -> None:
     if not callable(fn):
         if isinstance(fn, Coroutine):
             fn.close()  # it will never run: no "never awaited" warning for it
@@ -156,18 +141,38 @@ def make_job(
             f"{method}() expects an async function, not the class {target.__qualname__!r}: "
             f"pass an async function that creates and uses it"
         )
+
+
+def make_job(
+    method: str,
+    fn: Callable[..., object],
+    args: tuple[object, ...],
+    name: object,
+    request_id: object,
+    timeout: object,
+    default_timeout: float | None,
+) -> Job:
+    """Check what a caller passed to ``spawn``/``send`` and build the job record.
+
+    Raises:
+        TypeError: ``fn`` is not an async function (a coroutine object, which is closed;
+            a builtin; a class; not callable), or an option has the wrong type.
+        ValueError: ``timeout`` is out of range.
+    """
+    if type(fn) is not types.FunctionType:  # plain functions need no further look
+        _check_callable(method, fn)
     if name is not None and not isinstance(name, str):
         raise TypeError(f"name must be a str or None, not {type(name).__name__}")
     if request_id is not None and not isinstance(request_id, str):
         raise TypeError(f"request_id must be a str or None, not {type(request_id).__name__}")
+    assert name is None or isinstance(name, str)
+    assert request_id is None or isinstance(request_id, str)
     if timeout is None:
-        timeout = default_timeout
-    else:
-        check_timeout("timeout", timeout, allow_none=True, allow_zero=False)
-    assert timeout is None or isinstance(timeout, (int, float))
-    if timeout is not None and timeout == math.inf:
-        timeout = None  # no limit: the same as None, without a cancel scope
-    return Job(fn, args, name, request_id, None if timeout is None else float(timeout))
+        return Job(fn, args, name, request_id, default_timeout)
+    check_timeout("timeout", timeout, allow_none=True, allow_zero=False)
+    assert isinstance(timeout, (int, float))
+    # math.inf means no limit: the same as None, without a cancel scope.
+    return Job(fn, args, name, request_id, None if timeout == math.inf else float(timeout))
 
 
 @disable_ki_protection
@@ -175,7 +180,7 @@ async def call_job(job: Job) -> None:
     """Run the job's own code: the only code of the runtime's that Ctrl-C may interrupt."""
     assert job.fn is not None
     coro = job.fn(*job.args)
-    if not isinstance(coro, Coroutine):
+    if type(coro) is not types.CoroutineType and not isinstance(coro, Coroutine):
         raise TypeError(
             f"background job {job.metadata().name!r} did not return a coroutine "
             f"(got {type(coro).__name__}): jobs must be async functions; to run a "
@@ -205,3 +210,28 @@ def is_fatal(error: BaseException) -> bool:
     SystemExit), bare or anywhere inside a group.
     """
     return not isinstance(error, Exception)
+
+
+def outcome_of(
+    error: BaseException | None, timed_out: bool, cut_off: bool
+) -> tuple[str, BaseException | None, BaseException | None]:
+    """How a run that ended with ``error`` counts: ``(outcome, fatal, cleanup_error)``.
+
+    ``fatal`` is what must leave the runtime (a KeyboardInterrupt or SystemExit, bare or
+    in a group, with any `trio.Cancelled` taken out); the run then counts ``failed``.
+    Otherwise a run the runtime cancelled (``cut_off``: its cut-off came while the job
+    ran; ``timed_out``: its own deadline passed) counts ``cancelled`` or ``timed_out``
+    whatever its error, and ``cleanup_error`` is what it raised besides the
+    `trio.Cancelled` (to be logged). Any other error, a stray `trio.Cancelled`
+    included, is the job's failure.
+    """
+    rest = None if error is None else split_cancelled(error)[1]
+    if rest is not None and is_fatal(rest):
+        return FAILED, rest, None
+    if cut_off:
+        return CANCELLED, None, rest
+    if timed_out:
+        return TIMED_OUT, None, rest
+    if error is None:
+        return COMPLETED, None, None
+    return FAILED, None, None

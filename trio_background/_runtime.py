@@ -3,6 +3,12 @@
 How it works, and why
 =====================
 
+Three homes share the work: `Admission` (``_admission.py``) accepts jobs and hands
+slots on; `Shutdown` (``_shutdown.py``) owns the lifecycle phase, the cut-off and its
+report; `Runtime` (here) runs each job in its task and reports on jobs in log records
+and instrument hooks. The job record, and how a run's ending is classified, live in
+``_job.py``.
+
 Every job is a record (`Job`) that moves through ``queued -> running -> <outcome>``
 (or ``queued -> dropped``). Three things must hold at every instant, even inside an
 instrument hook, a log handler, or under Ctrl-C:
@@ -15,12 +21,14 @@ instrument hook, a log handler, or under Ctrl-C:
    taken or a job stranded: its error is dealt with after the fact (an instrument is
    removed; a KeyboardInterrupt shuts the runtime down, as one raised by a job does).
 
-2. **A freed slot is handed on at once.** When a job ends, the same synchronous step
-   that counts its outcome releases its `trio.CapacityLimiter` token, takes the next
-   job out of the memory channel (the queue), borrows the token on that job's behalf
-   and starts a Trio task for it; a ``send()`` waiting for room is accepted into the
-   place the queue just gained. Nothing else can run in between, so a job never waits
-   while a slot is free, and jobs take slots in acceptance order.
+2. **A freed slot is handed on at once.** A slot is a `trio.CapacityLimiter` token,
+   borrowed on behalf of a slot object. When a job ends, the same synchronous step that
+   counts its outcome takes the next job out of the memory channel (the queue), gives
+   it the slot object (the token is not released and borrowed again) and starts a Trio
+   task for it; a ``send()`` waiting for room is accepted into the place the queue just
+   gained. Nothing else can run in between, so a job never waits while a slot is free,
+   and jobs take slots in acceptance order. A slot is released only when no job is
+   queued.
 
 3. **A job is a Trio task of its own.** Each job runs in a new task started in a copy
    of the context its submitter had when it called ``spawn``/``send``. Its log records
@@ -46,9 +54,7 @@ failure.
 
 from __future__ import annotations
 
-import contextvars
 import logging
-import math
 import sys
 import threading
 from contextlib import asynccontextmanager
@@ -57,22 +63,19 @@ from typing import TYPE_CHECKING, NoReturn, final
 import trio
 from trio.lowlevel import enable_ki_protection
 
-from ._admission import Admission
+from ._admission import Admission, HandOff
 from ._config import BackgroundTaskConfig
-from ._exceptions import QueueFullError, RuntimeClosedError
 from ._instrument import Instruments, Outcome
 from ._job import (
     CANCELLED,
     COMPLETED,
-    DROPPED,
     FAILED,
     RUNNING,
     TIMED_OUT,
     Job,
     call_job,
-    is_fatal,
     make_job,
-    split_cancelled,
+    outcome_of,
 )
 from ._log import emit_job
 from ._shutdown import Phase, Shutdown
@@ -92,15 +95,14 @@ if TYPE_CHECKING:
 
     PosArgsT = TypeVarTuple("PosArgsT")
 
-_TASK_NAME = "trio_background job"
 
+class Runtime:
+    """What a runtime and its handles share: admission, shutdown, and the outcomes.
 
-def _start_soon(nursery: trio.Nursery, run: Callable[[Job], Awaitable[None]], job: Job) -> None:
-    nursery.start_soon(run, job, name=_TASK_NAME)
-
-
-class _Runtime:
-    """What a runtime and its handles share: admission, the outcomes, shutdown."""
+    This class runs each job (`run`, the body of the job's task) and reports on jobs
+    (log records, instrument hooks); `Admission` accepts jobs and hands slots on, and
+    `Shutdown` owns the lifecycle, the cut-off and its report.
+    """
 
     __slots__ = (
         "admission",
@@ -122,8 +124,9 @@ class _Runtime:
         self.config = config
         self.instruments = instruments
         instruments.on_interrupt = self.interrupted
-        self.admission = Admission(config.max_queue_size, config.max_concurrent_tasks)
-        self.shutdown = Shutdown()
+        self.admission = Admission(self, config.max_queue_size, config.max_concurrent_tasks)
+        self.shutdown = Shutdown(self)
+        #: How jobs ended (``dropped``: never ran).
         self.completed = 0
         self.failed = 0
         self.timed_out = 0
@@ -137,12 +140,10 @@ class _Runtime:
         #: KeyboardInterrupt/SystemExit raised by jobs or hooks, to re-raise from the block.
         self.fatal: list[BaseException] = []
 
-    # -- submission -------------------------------------------------------------------
-
     def make_job(
         self,
         method: str,
-        fn: object,
+        fn: Callable[..., object],
         args: tuple[object, ...],
         name: object,
         request_id: object,
@@ -155,94 +156,22 @@ class _Runtime:
             )
         return make_job(method, fn, args, name, request_id, timeout, self.config.job_timeout)
 
-    def try_accept(self, job: Job) -> bool:
-        """Start ``job`` or queue it; False when it can neither start nor wait.
-
-        Atomic: if this raises, nothing was accepted, counted or taken.
-        """
-        if not self.shutdown.accepting:
-            raise RuntimeClosedError
-        admission = self.admission
-        if admission.slot_free():
-            self.start(job)  # raises before anything is counted
-            admission.accept(job)
-        elif admission.room():
-            job.context = contextvars.copy_context()
-            admission.enqueue(job)
-            admission.accept(job)
-        else:
-            return False
-        if "job_accepted" in self.instruments.hooks:
-            self.in_context(job, self.instruments.call, "job_accepted", job.metadata())
-        return True
-
-    @enable_ki_protection
-    def spawn(self, job: Job) -> None:
-        if not self.try_accept(job):
-            self.admission.rejected += 1
-            if "job_rejected" in self.instruments.hooks:
-                contextvars.copy_context().run(
-                    self.instruments.call, "job_rejected", job.metadata()
-                )
-            raise QueueFullError
-
-    @enable_ki_protection
-    async def send(self, job: Job) -> None:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        if self.try_accept(job):
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            return
-        job.context = contextvars.copy_context()
-        task = trio.lowlevel.current_task()
-        waiters = self.admission.waiters
-        waiters[task] = job
-
-        def abort_fn(_: object) -> trio.lowlevel.Abort:
-            del waiters[task]
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort_fn)
-        if not job.seq:
-            raise RuntimeClosedError
-
-    def in_context(self, job: Job, fn: Callable[..., object], *args: object) -> None:
-        """Call ``fn`` for a job that is not running, in a copy of the job's context."""
-        context = job.context
-        if context is None:
-            fn(*args)
-        else:
-            context.copy().run(fn, *args)
-
-    # -- running ----------------------------------------------------------------------
-
-    def start(self, job: Job) -> None:
-        """Give ``job`` a slot (one must be free) and start its task, or raise and take none."""
-        context = job.context
-        if context is None:
-            context = job.context = contextvars.copy_context()
-        nursery = self.jobs_nursery
-        assert nursery is not None
-        limiter = self.admission.limiter
-        limiter.acquire_on_behalf_of_nowait(job)
-        try:
-            context.run(_start_soon, nursery, self.run, job)
-        except BaseException:
-            limiter.release_on_behalf_of(job)
-            raise
-        job.status = RUNNING
+    # -- running one job ------------------------------------------------------------------
 
     @enable_ki_protection
     async def run(self, job: Job) -> None:
         """The body of a job's task: run it (unless cut off first), then account for it."""
         if job.status != RUNNING:
             return
-        if self.shutdown.phase is Phase.CUT_OFF:
-            self.drop_unstarted(job)
+        shutdown = self.shutdown
+        if shutdown.phase is Phase.CUT_OFF:
+            shutdown.drop_unstarted(job)
             return
-        job.begun = True
-        job.started_at = trio.current_time()
-        if "job_started" in self.instruments.hooks:
-            self.instruments.call("job_started", job.metadata())
+        hooks = self.instruments.hooks
+        if hooks:
+            job.started_at = trio.current_time()
+            if "job_started" in hooks:
+                self.instruments.call("job_started", job.metadata())
         error: BaseException | None = None
         timed_out = False
         try:
@@ -257,119 +186,65 @@ class _Runtime:
                         timed_out = scope.cancel_called
         except BaseException as exc:
             error = exc
+        if error is None and not timed_out and not self.cut_off_begun():
+            self.completed += 1
+            job.status = COMPLETED
+            events = self.admission.hand_off(job)
+            if events is not None or self.instruments.hooks:
+                self.report_finished(job, "completed", events)
+            return
         try:
             self.finish(job, error, timed_out)
         finally:
             del error  # no cycle through this frame's traceback
 
+    def cut_off_begun(self) -> bool:
+        return self.shutdown.phase is Phase.CUT_OFF
+
     @enable_ki_protection
     def finish(self, job: Job, error: BaseException | None, timed_out: bool) -> None:
         """Count how ``job`` ended, hand its slot on, then log and report it."""
-        rest = None if error is None else split_cancelled(error)[1]
-        fatal = rest if rest is not None and is_fatal(rest) else None
-        outcome: Outcome
-        if fatal is not None:
-            outcome = "failed"
-        elif self.shutdown.phase is Phase.CUT_OFF:
-            outcome = "cancelled"
-            self.shutdown.cancelled.append((job.seq, job.metadata()))
-        elif timed_out:
-            outcome = "timed_out"
-        elif error is None:
-            outcome = "completed"
+        shutdown = self.shutdown
+        outcome, fatal, cleanup = outcome_of(error, timed_out, self.cut_off_begun())
+        if outcome == FAILED:
+            self.failed += 1
+        elif outcome == CANCELLED:
+            self.cancelled += 1
+            shutdown.cancelled.append((job.seq, job.metadata()))
+        elif outcome == TIMED_OUT:
+            self.timed_out += 1
         else:
-            outcome = "failed"
-        # An error raised while the runtime cancelled the job: logged, not its outcome.
-        cleanup = rest if outcome == "cancelled" or outcome == "timed_out" else None
-        self.count(job, outcome)
+            self.completed += 1
+        job.status = outcome
         dropped: list[Job] = []
         if fatal is not None:  # cut off first: no queued job may take this slot
             self.note_fatal(fatal)
-            dropped = self.cut_off_state()
-        failed_to_start, admitted = self.hand_off(job)
+            dropped = shutdown.cut_off_state()
+        events = self.admission.hand_off(job)
         # -- the state is complete; now the user code: log handlers, hooks ----------
         meta = job.metadata()
-        if outcome == "failed" and fatal is None:
+        if outcome == FAILED and fatal is None:
             assert error is not None
             self.log_error(meta, "failed", error)
-        elif outcome == "timed_out":
+        elif outcome == TIMED_OUT:
             self.log_warning(meta, f"timed out after {job.timeout:g} seconds")
-        elif outcome == "cancelled":
+        elif outcome == CANCELLED:
             self.log_warning(meta, "cancelled at shutdown")
         if cleanup is not None:
             self.log_error(meta, "raised an error while being cancelled", cleanup)
-        hooks = self.instruments.hooks
-        # The counters already include the jobs of waiting send()s accepted just now.
-        if "job_accepted" in hooks:
-            for other in admitted:
-                self.in_context(other, self.instruments.call, "job_accepted", other.metadata())
-        if "job_finished" in hooks:
-            duration = trio.current_time() - job.started_at
-            self.instruments.call("job_finished", meta, outcome, duration)
-        for other, exc in failed_to_start:
-            self.report_start_failure(other, exc)
+        self.report_finished(job, outcome, events)  # type: ignore[arg-type]
         for other in dropped:
             self.report_dropped(other)
 
-    def count(self, job: Job, outcome: Outcome) -> None:
-        if outcome == "completed":
-            self.completed += 1
-            job.status = COMPLETED
-        elif outcome == "failed":
-            self.failed += 1
-            job.status = FAILED
-        elif outcome == "timed_out":
-            self.timed_out += 1
-            job.status = TIMED_OUT
+    # -- reporting: log records and hooks, after the bookkeeping ----------------------------
+
+    def in_context(self, job: Job, fn: Callable[..., object], *args: object) -> None:
+        """Call ``fn`` for a job that is not running, in a copy of the job's context."""
+        context = job.context
+        if context is None:
+            fn(*args)
         else:
-            self.cancelled += 1
-            job.status = CANCELLED
-
-    def hand_off(self, job: Job) -> tuple[list[tuple[Job, BaseException]], list[Job]]:
-        """Release ``job``'s slot and fill every free slot from the queue.
-
-        Returns the jobs whose task could not be started (now counted failed) and the
-        jobs of waiting ``send()`` calls that were just accepted.
-        """
-        admission = self.admission
-        admission.limiter.release_on_behalf_of(job)
-        failed_to_start: list[tuple[Job, BaseException]] = []
-        admitted: list[Job] = []
-        if self.shutdown.phase is not Phase.CUT_OFF:
-            while admission.limiter.borrowed_tokens < admission.max_concurrent_tasks:
-                if admission.queued:
-                    following = admission.dequeue()
-                    if admission.waiters:
-                        waiter_job = admission.admit_waiter()
-                        admission.enqueue(waiter_job)
-                        admitted.append(waiter_job)
-                elif admission.waiters:  # only with max_queue_size == 0: straight to a slot
-                    following = admission.admit_waiter()
-                    admitted.append(following)
-                else:
-                    break
-                try:
-                    self.start(following)
-                except BaseException as exc:  # e.g. MemoryError: the job fails, counted
-                    self.failed += 1
-                    following.status = FAILED
-                    failed_to_start.append((following, exc))
-        if admission.is_idle():
-            self.shutdown.became_idle()
-        return failed_to_start, admitted
-
-    def report_start_failure(self, job: Job, exc: BaseException) -> None:
-        meta = job.metadata()
-        what = "failed: its task could not be started"
-        self.in_context(job, self.log_error, meta, what, exc)
-        hooks = self.instruments.hooks
-        if "job_started" in hooks:
-            self.in_context(job, self.instruments.call, "job_started", meta)
-        if "job_finished" in hooks:
-            self.in_context(job, self.instruments.call, "job_finished", meta, "failed", 0.0)
-        job.release()
-        if not isinstance(exc, Exception):
-            self.interrupted(exc)
+            context.copy().run(fn, *args)
 
     def log_error(self, meta: BackgroundJobMetadata, what: str, exc: BaseException) -> None:
         emit_job(self.interrupted, logging.ERROR, meta, what, exc_info=exc)
@@ -377,17 +252,32 @@ class _Runtime:
     def log_warning(self, meta: BackgroundJobMetadata, what: str) -> None:
         emit_job(self.interrupted, logging.WARNING, meta, what)
 
-    @enable_ki_protection
-    def drop_unstarted(self, job: Job) -> None:
-        """Count a job that was given a slot but whose code never ran as dropped."""
-        admission = self.admission
-        admission.limiter.release_on_behalf_of(job)
-        self.dropped += 1
-        job.status = DROPPED
-        self.shutdown.dropped.append((job.seq, job.metadata()))
-        if admission.is_idle():
-            self.shutdown.became_idle()
-        self.report_dropped(job)
+    def report_finished(self, job: Job, outcome: Outcome, events: HandOff | None) -> None:
+        """Call the hooks for a job that ended and for what its hand-off did."""
+        instruments = self.instruments
+        hooks = instruments.hooks
+        if events is not None and "job_accepted" in hooks:
+            # The counters already include the jobs of waiting send()s accepted just now.
+            for other in events.admitted:
+                self.in_context(other, instruments.call, "job_accepted", other.metadata())
+        if "job_finished" in hooks:
+            duration = trio.current_time() - job.started_at
+            instruments.call("job_finished", job.metadata(), outcome, duration)
+        if events is not None:
+            for other, exc in events.failed_to_start:
+                self.report_start_failure(other, exc)
+
+    def report_start_failure(self, job: Job, exc: BaseException) -> None:
+        meta = job.metadata()
+        self.in_context(job, self.log_error, meta, "failed: its task could not be started", exc)
+        instruments = self.instruments
+        if "job_started" in instruments.hooks:
+            self.in_context(job, instruments.call, "job_started", meta)
+        if "job_finished" in instruments.hooks:
+            self.in_context(job, instruments.call, "job_finished", meta, "failed", 0.0)
+        job.release()
+        if not isinstance(exc, Exception):
+            self.interrupted(exc)
 
     def report_dropped(self, job: Job) -> None:
         meta = job.metadata()
@@ -396,14 +286,22 @@ class _Runtime:
             self.in_context(job, self.instruments.call, "job_dropped", meta)
         job.release()
 
-    # -- idleness and shutdown --------------------------------------------------------
+    # -- what must leave the block ------------------------------------------------------------
 
-    async def wait_idle(self) -> None:
-        if self.admission.is_idle():
-            await trio.lowlevel.checkpoint()
-        else:
-            # Woken at the first idle instant; no re-check, which new work could defeat.
-            await self.shutdown.idle_lot.park()
+    @enable_ki_protection
+    def interrupted(self, exc: BaseException) -> None:
+        """A job or a hook raised KeyboardInterrupt (or SystemExit): shut everything down.
+
+        The exception leaves the ``async with`` block once every job has unwound.
+        """
+        self.note_fatal(exc)
+        self.shutdown.cut_off()
+
+    def note_fatal(self, exc: BaseException) -> None:
+        if not any(exc is seen for seen in self.fatal):
+            self.fatal.append(exc)
+        if self.outer_scope is not None:
+            self.outer_scope.cancel()
 
     def check_not_in_job(self, method: str) -> None:
         nursery = self.jobs_nursery
@@ -418,90 +316,6 @@ class _Runtime:
                     "would wait for itself"
                 )
             task = parent.parent_task
-
-    def close_intake(self) -> None:
-        """Refuse new jobs from now on and wake every waiting send() with an error."""
-        shutdown = self.shutdown
-        if shutdown.phase is not Phase.OPEN:
-            return
-        shutdown.phase = Phase.DRAINING
-        self.admission.refuse_waiters()
-        if self.admission.is_idle():
-            shutdown.became_idle()
-
-    @enable_ki_protection
-    def cut_off(self) -> None:
-        """Cancel every running job and drop every queued one, at once."""
-        for job in self.cut_off_state():
-            self.report_dropped(job)
-
-    def cut_off_state(self) -> list[Job]:
-        """The bookkeeping of `cut_off`; returns the dropped jobs, not yet reported."""
-        shutdown = self.shutdown
-        if shutdown.phase is Phase.CUT_OFF or shutdown.phase is Phase.CLOSED:
-            return []
-        self.close_intake()
-        if self.admission.is_idle():  # close_intake() ended it: nothing to cut
-            return []
-        shutdown.phase = Phase.CUT_OFF
-        admission = self.admission
-        dropped: list[Job] = []
-        while admission.queued:
-            job = admission.dequeue()
-            self.dropped += 1
-            job.status = DROPPED
-            shutdown.dropped.append((job.seq, job.metadata()))
-            dropped.append(job)
-        if self.jobs_nursery is not None:
-            self.jobs_nursery.cancel_scope.cancel()
-        if admission.is_idle():
-            shutdown.became_idle()
-        return dropped
-
-    @enable_ki_protection
-    def interrupted(self, exc: BaseException) -> None:
-        """A job or a hook raised KeyboardInterrupt (or SystemExit): shut everything down.
-
-        The exception leaves the ``async with`` block once every job has unwound.
-        """
-        self.note_fatal(exc)
-        self.cut_off()
-
-    def note_fatal(self, exc: BaseException) -> None:
-        if not any(exc is seen for seen in self.fatal):
-            self.fatal.append(exc)
-        if self.outer_scope is not None:
-            self.outer_scope.cancel()
-
-    async def cut_off_and_wait(self) -> None:
-        """Cut off, then wait for the cancelled jobs to unwind, so that nothing runs after."""
-        self.cut_off()
-        with trio.CancelScope(shield=True):
-            await self.shutdown.done.wait()
-
-    async def aclose(self) -> None:
-        self.check_not_in_job("aclose")
-        shutdown = self.shutdown
-        # Only the first call drains against the deadline; later ones wait for it.
-        first = shutdown.phase is Phase.OPEN
-        self.close_intake()
-        try:
-            with trio.move_on_after(self.config.drain_timeout if first else math.inf):
-                await shutdown.done.wait()
-        except BaseException:
-            await self.cut_off_and_wait()
-            raise
-        if shutdown.done.is_set():
-            return
-        # The deadline passed. If something else already cut off (the body raised, a job
-        # raised KeyboardInterrupt), that path reports; otherwise this call does.
-        by_us = shutdown.phase is Phase.DRAINING
-        shutdown.reporter = shutdown.reporter or by_us
-        await self.cut_off_and_wait()
-        if by_us:
-            error = shutdown.report(self.config.drain_timeout, self.statistics())
-            if error is not None:
-                raise error
 
     def statistics(self) -> BackgroundStatistics:
         admission = self.admission
@@ -525,6 +339,7 @@ class _Runtime:
         with trio.CancelScope(shield=True):
             async with trio.open_nursery() as nursery:
                 self.jobs_nursery = nursery
+                self.admission.open(nursery)
                 task_status.started()
                 await trio.sleep_forever()
 
@@ -540,7 +355,7 @@ class BackgroundHandle:
 
     __slots__ = ("_runtime",)
 
-    def __init__(self, runtime: _Runtime) -> None:
+    def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
 
     def spawn(
@@ -578,7 +393,9 @@ class BackgroundHandle:
             RuntimeError: Called from a thread other than the runtime's.
         """
         runtime = self._runtime
-        runtime.spawn(runtime.make_job("spawn", async_fn, args, name, request_id, timeout))
+        runtime.admission.spawn(
+            runtime.make_job("spawn", async_fn, args, name, request_id, timeout)
+        )
 
     async def send(
         self,
@@ -601,7 +418,9 @@ class BackgroundHandle:
             RuntimeError: Called from a thread other than the runtime's.
         """
         runtime = self._runtime
-        await runtime.send(runtime.make_job("send", async_fn, args, name, request_id, timeout))
+        await runtime.admission.send(
+            runtime.make_job("send", async_fn, args, name, request_id, timeout)
+        )
 
     def __repr__(self) -> str:
         return f"<trio_background.BackgroundHandle at {id(self):#x}>"
@@ -613,7 +432,7 @@ class BackgroundRuntime:
 
     __slots__ = ("_runtime",)
 
-    def __init__(self, runtime: _Runtime) -> None:
+    def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
 
     def handle(self) -> BackgroundHandle:
@@ -634,7 +453,7 @@ class BackgroundRuntime:
             RuntimeError: Called from inside one of this runtime's own jobs.
         """
         self._runtime.check_not_in_job("wait_idle")
-        await self._runtime.wait_idle()
+        await self._runtime.shutdown.wait_idle()
 
     async def aclose(self) -> None:
         """Stop accepting jobs, drain, and cut off whatever is left at the deadline.
@@ -653,7 +472,9 @@ class BackgroundRuntime:
             RuntimeError: Called from inside one of this runtime's own jobs
                 (it would wait for itself); the runtime stays open.
         """
-        await self._runtime.aclose()
+        runtime = self._runtime
+        runtime.check_not_in_job("aclose")
+        await runtime.shutdown.aclose(runtime.config.drain_timeout)
 
     def __getattr__(self, name: str) -> NoReturn:
         if name in ("spawn", "send"):
@@ -683,7 +504,7 @@ class BackgroundRuntimeManager:
 
     __slots__ = ("_cm", "_runtime")
 
-    def __init__(self, runtime: _Runtime) -> None:
+    def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
         self._cm: AbstractAsyncContextManager[BackgroundRuntime] | None = None
 
@@ -765,11 +586,11 @@ def open_background_runtime(
         raise TypeError(
             f"instruments must be an iterable of instruments, not {type(instruments).__name__}"
         ) from None
-    return BackgroundRuntimeManager(_Runtime(config, hooks))
+    return BackgroundRuntimeManager(Runtime(config, hooks))
 
 
 @asynccontextmanager
-async def _open(runtime: _Runtime) -> AsyncIterator[BackgroundRuntime]:
+async def _open(runtime: Runtime) -> AsyncIterator[BackgroundRuntime]:
     runtime.thread = threading.get_ident()
     pending: BaseException | None = None
     async with trio.open_nursery() as outer:
@@ -780,11 +601,11 @@ async def _open(runtime: _Runtime) -> AsyncIterator[BackgroundRuntime]:
         try:
             yield BackgroundRuntime(runtime)
         except BaseException as exc:
-            runtime.cut_off()
+            runtime.shutdown.cut_off()
             pending = exc
         else:
             try:
-                await runtime.aclose()
+                await runtime.shutdown.aclose(runtime.config.drain_timeout)
             except BaseException as exc:
                 pending = exc
         finally:

@@ -1,18 +1,22 @@
-"""Shutdown: the runtime's lifecycle phase and the report of what a cut-off cut."""
+"""Shutdown and its report: the lifecycle phase, draining, the cut-off, what it cut."""
 
 from __future__ import annotations
 
 import enum
+import math
 from collections import Counter
 from typing import TYPE_CHECKING
 
 import trio
+from trio.lowlevel import enable_ki_protection
 
 from ._exceptions import BackgroundShutdownError
+from ._job import DROPPED
 
 if TYPE_CHECKING:
     from ._config import BackgroundJobMetadata
-    from ._statistics import BackgroundStatistics
+    from ._job import Job
+    from ._runtime import Runtime
 
 
 class Phase(enum.Enum):
@@ -29,26 +33,20 @@ class Phase(enum.Enum):
 
 
 class Shutdown:
-    """The phase, the events shutdown waits on, and the jobs a cut-off cut."""
+    """The phase, what shutdown waits on, the cut-off and the jobs it cut."""
 
-    __slots__ = ("cancelled", "done", "dropped", "idle_lot", "phase", "reporter")
+    __slots__ = ("cancelled", "done", "dropped", "idle_lot", "phase", "runtime")
 
-    def __init__(self) -> None:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
         self.phase = Phase.OPEN
         #: Set when the phase becomes CLOSED.
         self.done = trio.Event()
         #: Tasks in wait_idle(), woken at the next instant nothing is queued or running.
         self.idle_lot = trio.lowlevel.ParkingLot()
-        #: (acceptance number, metadata) of jobs the cut-off cancelled / dropped.
+        #: (acceptance number, metadata) of the jobs the cut-off cancelled / dropped.
         self.cancelled: list[tuple[int, BackgroundJobMetadata]] = []
         self.dropped: list[tuple[int, BackgroundJobMetadata]] = []
-        #: Whether the cut-off was made by an aclose() at its drain deadline (that call
-        #: raises the report) rather than by an error or a cancellation.
-        self.reporter = False
-
-    @property
-    def accepting(self) -> bool:
-        return self.phase is Phase.OPEN
 
     def became_idle(self) -> None:
         """Nothing is queued or running: wake wait_idle(), and end a closed runtime."""
@@ -58,9 +56,97 @@ class Shutdown:
             self.phase = Phase.CLOSED
             self.done.set()
 
-    def report(
-        self, drain_timeout: float, statistics: BackgroundStatistics
-    ) -> BackgroundShutdownError | None:
+    async def wait_idle(self) -> None:
+        if self.runtime.admission.is_idle():
+            await trio.lowlevel.checkpoint()
+        else:
+            # Woken at the first idle instant; no re-check, which new work could defeat.
+            await self.idle_lot.park()
+
+    # -- closing and cutting off --------------------------------------------------------
+
+    def close_intake(self) -> None:
+        """Refuse new jobs from now on and wake every waiting send() with an error."""
+        if self.phase is not Phase.OPEN:
+            return
+        self.phase = Phase.DRAINING
+        admission = self.runtime.admission
+        admission.refuse_waiters()
+        if admission.is_idle():
+            self.became_idle()
+
+    @enable_ki_protection
+    def cut_off(self) -> None:
+        """Cancel every running job and drop every queued one, at once."""
+        for job in self.cut_off_state():
+            self.runtime.report_dropped(job)
+
+    def cut_off_state(self) -> list[Job]:
+        """The bookkeeping of `cut_off`; returns the dropped jobs, not yet reported."""
+        if self.phase is Phase.CUT_OFF or self.phase is Phase.CLOSED:
+            return []
+        self.close_intake()
+        runtime = self.runtime
+        admission = runtime.admission
+        if admission.is_idle():  # close_intake() ended it: nothing to cut
+            return []
+        self.phase = Phase.CUT_OFF
+        dropped: list[Job] = []
+        while admission.queued:
+            job = admission.receive_channel.receive_nowait()
+            admission.queued -= 1
+            self.count_dropped(job)
+            dropped.append(job)
+        # Jobs holding a slot: running ones are cancelled; one whose task has not run
+        # yet finds the cut-off on its first step and counts itself dropped.
+        assert runtime.jobs_nursery is not None
+        runtime.jobs_nursery.cancel_scope.cancel()
+        if admission.is_idle():
+            self.became_idle()
+        return dropped
+
+    def count_dropped(self, job: Job) -> None:
+        self.runtime.dropped += 1
+        job.status = DROPPED
+        self.dropped.append((job.seq, job.metadata()))
+
+    @enable_ki_protection
+    def drop_unstarted(self, job: Job) -> None:
+        """Count a job that was given a slot but whose code never ran as dropped."""
+        self.count_dropped(job)
+        self.runtime.admission.release(job)
+        self.runtime.report_dropped(job)
+
+    async def cut_off_and_wait(self) -> None:
+        """Cut off, then wait for the cancelled jobs to unwind, so that nothing runs after."""
+        self.cut_off()
+        with trio.CancelScope(shield=True):
+            await self.done.wait()
+
+    async def aclose(self, drain_timeout: float) -> None:
+        # Only the first call drains against the deadline; later ones wait for it.
+        first = self.phase is Phase.OPEN
+        self.close_intake()
+        try:
+            with trio.move_on_after(drain_timeout if first else math.inf):
+                await self.done.wait()
+        except BaseException:
+            await self.cut_off_and_wait()
+            raise
+        if self.done.is_set():
+            return
+        # The deadline passed. If something else already cut off (the body raised, a job
+        # raised KeyboardInterrupt), that path reports; otherwise this call does.
+        by_us = self.phase is Phase.DRAINING
+        await self.cut_off_and_wait()
+        if by_us:
+            error = self.report(drain_timeout)
+            if error is not None:
+                raise error
+
+    # -- the report -----------------------------------------------------------------------
+
+    def report(self, drain_timeout: float) -> BackgroundShutdownError | None:
         """The error aclose() raises for its cut-off, or None if it cut nothing."""
         if not self.cancelled and not self.dropped:
             return None
@@ -75,7 +161,7 @@ class Shutdown:
             f"drain timed out after {drain_timeout:g} seconds: " + "; ".join(parts),
             cancelled=cancelled,
             dropped=dropped,
-            statistics=statistics,
+            statistics=self.runtime.statistics(),
         )
 
 
