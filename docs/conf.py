@@ -89,6 +89,27 @@ def _use_offline_inventories(app: Any, config: Any) -> None:
     config.intersphinx_mapping = _inventories.write_inventories(directory)
 
 
+# Names that the annotations import only under TYPE_CHECKING. Sphinx < 9 cannot
+# evaluate those annotations and leaves the bare name, which links nowhere; link it
+# to the real object through intersphinx.
+_TYPE_CHECKING_NAMES = {
+    "AbstractAsyncContextManager": "contextlib.AbstractAsyncContextManager",
+    "Unpack": "typing.Unpack",  # from typing_extensions; Python 3.10 has no typing.Unpack
+}
+
+
+def _resolve_type_checking_names(app: Any, env: Any, node: Any, contnode: Any) -> Any:
+    target = _TYPE_CHECKING_NAMES.get(node.get("reftarget", ""))
+    if node.get("refdomain") != "py" or target is None:
+        return None
+    from sphinx.ext.intersphinx import missing_reference
+
+    node = node.deepcopy()
+    node["reftarget"] = target
+    node["reftype"] = "obj"  # typing.Unpack is data, not a class
+    return missing_reference(app, env, node, contnode)
+
+
 def _public_attributes() -> set[str]:
     """``trio_background.<Class>.<attribute>`` for every documented data attribute.
 
@@ -133,4 +154,5 @@ def setup(app: Any) -> dict[str, Any]:
     # Runs before intersphinx validates the mapping (priority 800).
     app.connect("config-inited", _use_offline_inventories, priority=400)
     app.connect("env-check-consistency", _check_attributes_documented)
+    app.connect("missing-reference", _resolve_type_checking_names)
     return {"parallel_read_safe": True}
