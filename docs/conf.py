@@ -120,6 +120,7 @@ def _public_attributes() -> set[str]:
     a ``#:`` comment in the private modules.
     """
     import attrs
+    from sphinx.errors import PycodeError
     from sphinx.pycode import ModuleAnalyzer
 
     import trio_background
@@ -134,7 +135,11 @@ def _public_attributes() -> set[str]:
     for modname, module in list(sys.modules.items()):
         if not modname.startswith("trio_background._") or module is None:
             continue
-        for classname, attribute in ModuleAnalyzer.for_module(modname).find_attr_docs():
+        try:
+            attr_docs = ModuleAnalyzer.for_module(modname).find_attr_docs()
+        except PycodeError:  # no Python source to read
+            continue
+        for classname, attribute in attr_docs:
             if classname in public and getattr(module, classname, None) is public[classname]:
                 expected.add(f"trio_background.{classname}.{attribute}")
     return expected
