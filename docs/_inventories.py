@@ -100,6 +100,7 @@ PYTHON: list[tuple[str, str, str]] = [
     ("logging.Logger", "py:class", "library/logging.html"),
     ("logging.LogRecord", "py:class", "library/logging.html"),
     ("logging.Formatter", "py:class", "library/logging.html"),
+    ("logging.Filter", "py:class", "library/logging.html"),
     ("logging.Handler", "py:class", "library/logging.html"),
     ("signal", "py:module", "library/signal.html"),
     ("signal.SIGTERM", "py:data", "library/signal.html"),
