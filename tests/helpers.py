@@ -79,7 +79,30 @@ def records(caplog: pytest.LogCaptureFixture, level: int) -> list[logging.LogRec
     return [r for r in caplog.records if r.name == LOGGER and r.levelno == level]
 
 
+def messages(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
+    """The messages of `records` at exactly ``level``, in order."""
+    return [r.getMessage() for r in records(caplog, level)]
+
+
+def job_names(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
+    """The ``job_name`` attributes of the records at exactly ``level``, sorted."""
+    return sorted(str(r.__dict__["job_name"]) for r in records(caplog, level))
+
+
+def exc_of(record: logging.LogRecord) -> BaseException:
+    """The exception a record was logged with (it must have one)."""
+    assert record.exc_info is not None
+    exc = record.exc_info[1]
+    assert exc is not None
+    return exc
+
+
 # -- jobs and instruments -------------------------------------------------------------------
+
+
+def meta(name: str, request_id: str | None = None) -> BackgroundJobMetadata:
+    """Shorthand for ``BackgroundJobMetadata(name=name, request_id=request_id)``."""
+    return BackgroundJobMetadata(name=name, request_id=request_id)
 
 
 async def sleeper(seconds: float) -> None:

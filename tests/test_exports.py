@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import types
 
-import attrs
 import pytest
 
 import trio_background
@@ -17,8 +16,6 @@ from trio_background import (
     BackgroundRuntime,
     BackgroundShutdownError,
     BackgroundSpawnError,
-    BackgroundStatistics,
-    BackgroundTaskConfig,
     QueueFullError,
     RuntimeClosedError,
     open_background_runtime,
@@ -128,16 +125,6 @@ async def test_shutdown_error_carries_report() -> None:
     assert error.cancelled == (job,)
     assert error.dropped == ()
     assert error.statistics is stats
-
-
-def test_value_classes_are_frozen_attrs() -> None:
-    for cls in (BackgroundTaskConfig, BackgroundJobMetadata, BackgroundStatistics):
-        assert attrs.has(cls), cls
-    config = BackgroundTaskConfig()
-    with pytest.raises(attrs.exceptions.FrozenInstanceError):
-        config.max_queue_size = 1  # type: ignore[misc]
-    assert config == BackgroundTaskConfig()
-    assert hash(config) == hash(BackgroundTaskConfig())
 
 
 def test_instrument_base_hooks_do_nothing() -> None:
