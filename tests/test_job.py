@@ -1,19 +1,40 @@
-"""Running one job: how it ended, whatever shape its code (nurseries, cancel scopes) gives it."""
+"""Running one job: how it ended, whatever shape its code gives it, and in which context.
+
+Outcomes (completed, failed, timed out, cancelled), what is logged for each, the shapes a
+runtime-caused `trio.Cancelled` takes inside a job's nurseries, timeouts, jobs that raise
+KeyboardInterrupt or SystemExit, and the context and task every job runs in.
+"""
 
 from __future__ import annotations
 
 import contextvars
 import logging
+import math
 import sys
+import time
 from collections.abc import Awaitable, Callable
+from typing import Any, cast
 
 import pytest
 import trio
 import trio.testing
-from helpers import all_counts, expected, records
+from helpers import (
+    Recorder,
+    all_counts,
+    counts,
+    exc_of,
+    expected,
+    job_names,
+    messages,
+    meta,
+    records,
+    sleeper,
+)
 
 from trio_background import (
+    BackgroundJobError,
     BackgroundJobMetadata,
+    BackgroundRuntime,
     BackgroundShutdownError,
     BackgroundTaskConfig,
     open_background_runtime,
@@ -39,11 +60,22 @@ def nested(depth: int, body: Job, *, strict: bool = True) -> Job:
     return job
 
 
-async def raises_in_cleanup() -> None:
-    try:
-        await trio.sleep_forever()
-    finally:
-        raise ValueError("cleanup failed")
+def raising_in_cleanup(error: BaseException) -> Job:
+    """A job that sleeps until cancelled, then raises ``error`` from its ``finally``."""
+
+    async def job() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            raise error
+
+    return job
+
+
+def _leaves(exc: BaseException | None) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [] if exc is None else [exc]
 
 
 # Non-strict nurseries are deprecated, but still in use: they must be counted right too.
@@ -57,126 +89,120 @@ SHAPES = [
 ]
 
 
-# -- cut off at the drain deadline -----------------------------------------------------------
+# -- a job fails ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("depth", "strict"), SHAPES)
-async def test_job_with_nurseries_cut_off_at_the_deadline_counts_cancelled(
-    depth: int,
-    strict: bool,
-    autojump_clock: trio.testing.MockClock,
-    caplog: pytest.LogCaptureFixture,
+async def test_job_raises_exception(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    config = BackgroundTaskConfig(drain_timeout=1.0)
-    job = nested(depth, trio.sleep_forever, strict=strict)
-    with pytest.raises(BackgroundShutdownError) as excinfo:
-        async with open_background_runtime(config) as runtime:
-            runtime.handle().spawn(job, name="with_nursery")
-    assert excinfo.value.cancelled == (BackgroundJobMetadata("with_nursery"),)
-    assert all_counts(excinfo.value.statistics) == expected(cancelled=1)
-    assert [r.getMessage() for r in records(caplog, logging.WARNING)] == [
-        "background job 'with_nursery' cancelled at shutdown"
-    ]
-    assert not records(caplog, logging.ERROR)
+    boom = ValueError("boom")
+    recorder = Recorder()
 
+    async def fails() -> None:
+        await trio.sleep(1)
+        raise boom
 
-@pytest.mark.parametrize(("depth", "strict"), SHAPES)
-async def test_error_raised_during_cleanup_at_the_cut_off_is_logged_and_the_report_raised(
-    depth: int,
-    strict: bool,
-    autojump_clock: trio.testing.MockClock,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    config = BackgroundTaskConfig(drain_timeout=1.0)
-    with pytest.raises(BackgroundShutdownError) as excinfo:
-        async with open_background_runtime(config) as runtime:
-            runtime.handle().spawn(nested(depth, raises_in_cleanup, strict=strict), name="j")
-    assert all_counts(excinfo.value.statistics) == expected(cancelled=1)
-    [error] = records(caplog, logging.ERROR)
-    assert error.getMessage() == "background job 'j' raised an error while being cancelled"
-    assert error.exc_info is not None
-    leaves = _leaves(error.exc_info[1])
-    assert [type(e) for e in leaves] == [ValueError]
-
-
-def _leaves(exc: BaseException | None) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
-    return [] if exc is None else [exc]
-
-
-# -- cut off because the body raised or was cancelled ------------------------------------------
-
-
-@pytest.mark.parametrize(("depth", "strict"), SHAPES)
-async def test_body_error_leaves_unchanged_when_a_nursery_job_is_cut_off(
-    depth: int,
-    strict: bool,
-    autojump_clock: trio.testing.MockClock,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    error = KeyError("body")
-    with pytest.raises(KeyError) as excinfo:
-        async with open_background_runtime() as runtime:
-            runtime.handle().spawn(nested(depth, raises_in_cleanup, strict=strict), name="j")
-            await trio.sleep(1)
-            raise error
-    assert excinfo.value is error
-    assert all_counts(runtime.statistics()) == expected(cancelled=1)
-    assert [r.getMessage() for r in records(caplog, logging.WARNING)] == [
-        "background job 'j' cancelled at shutdown"
-    ]
-
-
-@pytest.mark.parametrize(("depth", "strict"), SHAPES)
-async def test_body_cancelled_from_outside_leaves_as_a_bare_cancelled(
-    depth: int, strict: bool, autojump_clock: trio.testing.MockClock
-) -> None:
-    outcome: list[BaseException] = []
-    with trio.move_on_after(1):
-        try:
-            async with open_background_runtime() as runtime:
-                runtime.handle().spawn(nested(depth, trio.sleep_forever, strict=strict))
-                await trio.sleep_forever()
-        except BaseException as exc:
-            outcome.append(exc)
-            raise
-    [left] = outcome
-    assert type(left) is trio.Cancelled
-    assert all_counts(runtime.statistics()) == expected(cancelled=1)
-
-
-async def test_cancelled_aclose_cuts_off_a_nursery_job_and_propagates(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    async with open_background_runtime() as runtime:
-        runtime.handle().spawn(nested(1, trio.sleep_forever), name="j")
-        with trio.move_on_after(1) as scope:
-            await runtime.aclose()
-        assert scope.cancelled_caught
-        assert all_counts(runtime.statistics()) == expected(cancelled=1)
-
-
-# -- timeouts ----------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("depth", "strict"), SHAPES)
-async def test_nursery_job_past_its_timeout_counts_timed_out(
-    depth: int,
-    strict: bool,
-    autojump_clock: trio.testing.MockClock,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    async with open_background_runtime() as runtime:
-        runtime.handle().spawn(
-            nested(depth, trio.sleep_forever, strict=strict), timeout=2, name="j"
-        )
+    async with open_background_runtime(instruments=[recorder]) as runtime:
+        handle = runtime.handle()
+        handle.spawn(fails, name="fails", request_id="r-1")
+        handle.spawn(sleeper, 2.0, name="bystander")
         await runtime.wait_idle()
-    assert trio.current_time() == 2
-    assert all_counts(runtime.statistics()) == expected(timed_out=1)
-    assert [r.getMessage() for r in records(caplog, logging.WARNING)] == [
-        "background job 'j' timed out after 2 seconds"
+        assert trio.current_time() == 2.0
+        assert counts(runtime) == {"completed": 1, "failed": 1}
+    assert all_counts(runtime.statistics()) == expected(completed=1, failed=1)
+    [error] = records(caplog, logging.ERROR)
+    assert exc_of(error) is boom
+    assert error.getMessage() == "background job 'fails' failed (request_id='r-1')"
+    assert error.__dict__["job_name"] == "fails"
+    assert error.__dict__["request_id"] == "r-1"
+    # The traceback is in the log output.
+    assert "Traceback" in caplog.text
+    assert "ValueError: boom" in caplog.text
+    assert records(caplog, logging.WARNING) == []
+    assert recorder.of("finished") == [
+        ("finished", "fails", "failed", 1.0),
+        ("finished", "bystander", "completed", 2.0),
     ]
+
+
+async def test_job_raises_background_job_error(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    failure = BackgroundJobError("upstream said no")
+    assert failure.message == "upstream said no"
+
+    async def fails() -> None:
+        raise failure
+
+    async with open_background_runtime() as runtime:
+        handle = runtime.handle()
+        handle.spawn(fails, request_id="r-2")
+        handle.spawn(sleeper, 1.0)
+    assert all_counts(runtime.statistics()) == expected(completed=1, failed=1)
+    [error] = records(caplog, logging.ERROR)
+    assert exc_of(error) is failure
+    # The default name is the function's __qualname__.
+    assert error.getMessage() == f"background job {fails.__qualname__!r} failed (request_id='r-2')"
+    assert error.__dict__["job_name"] == fails.__qualname__
+    assert error.__dict__["request_id"] == "r-2"
+    assert records(caplog, logging.WARNING) == []
+
+
+async def test_job_raises_exception_group(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = KeyError("a"), OSError("b")
+
+    async def raise_now(exc: Exception) -> None:
+        raise exc  # in the task's first step, before any checkpoint: both raise
+
+    async def fails_twice() -> None:
+        await trio.sleep(1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(raise_now, a)
+            nursery.start_soon(raise_now, b)
+
+    async with open_background_runtime() as runtime:
+        handle = runtime.handle()
+        handle.spawn(fails_twice, name="group")
+        handle.spawn(sleeper, 3.0, name="bystander")
+    assert trio.current_time() == 3.0
+    assert all_counts(runtime.statistics()) == expected(completed=1, failed=1)
+    [error] = records(caplog, logging.ERROR)
+    group = exc_of(error)
+    assert isinstance(group, ExceptionGroup)
+    assert type(group).__name__ == "ExceptionGroup"
+    # Every member is in the log, the very objects raised, none flattened away.
+    assert sorted(map(id, group.exceptions)) == sorted([id(a), id(b)])
+    assert error.__dict__["job_name"] == "group"
+    assert records(caplog, logging.WARNING) == []
+
+
+async def test_job_is_not_an_async_function(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls: list[int] = []
+
+    def not_async(x: int) -> None:
+        calls.append(x)
+
+    async with open_background_runtime() as runtime:
+        # Accepted (it is callable), but fails when it starts: it returned no coroutine.
+        runtime.handle().spawn(cast(Any, not_async), 7, name="sync")
+        assert calls == []  # not called at submit
+        await runtime.wait_idle()
+        assert calls == [7]  # called when the job started
+        assert counts(runtime) == {"failed": 1}
+    assert all_counts(runtime.statistics()) == expected(failed=1)
+    [error] = records(caplog, logging.ERROR)
+    assert error.getMessage() == "background job 'sync' failed"
+    assert error.__dict__["job_name"] == "sync"
+    exc = exc_of(error)
+    assert type(exc) is TypeError
+    assert str(exc) == (
+        "background job 'sync' did not return a coroutine (got NoneType): jobs must be async "
+        "functions; to run a blocking function, submit trio.to_thread.run_sync and the function"
+    )
 
 
 # -- a Cancelled the runtime did not cause is the job's own failure --------------------------
@@ -232,7 +258,338 @@ async def test_a_cancelled_the_job_raises_itself_is_its_failure_not_a_shutdown(
     assert all_counts(runtime.statistics()) == expected(failed=1, completed=1)
 
 
-# -- KeyboardInterrupt and SystemExit ------------------------------------------------------------
+# -- cancelled by the runtime, in every shape -------------------------------------------------
+
+
+@pytest.mark.parametrize(("depth", "strict"), SHAPES)
+async def test_job_with_nurseries_cut_off_at_the_deadline_counts_cancelled(
+    depth: int,
+    strict: bool,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = BackgroundTaskConfig(drain_timeout=1.0)
+    job = nested(depth, trio.sleep_forever, strict=strict)
+    with pytest.raises(BackgroundShutdownError) as excinfo:
+        async with open_background_runtime(config) as runtime:
+            runtime.handle().spawn(job, name="with_nursery")
+    assert excinfo.value.cancelled == (BackgroundJobMetadata("with_nursery"),)
+    assert all_counts(excinfo.value.statistics) == expected(cancelled=1)
+    assert messages(caplog, logging.WARNING) == [
+        "background job 'with_nursery' cancelled at shutdown"
+    ]
+    assert not records(caplog, logging.ERROR)
+
+
+@pytest.mark.parametrize(("depth", "strict"), SHAPES)
+async def test_error_raised_during_cleanup_at_the_cut_off_is_logged_and_the_report_raised(
+    depth: int,
+    strict: bool,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cleanup_failed = ValueError("cleanup failed")
+    config = BackgroundTaskConfig(drain_timeout=1.0)
+    job = nested(depth, raising_in_cleanup(cleanup_failed), strict=strict)
+    with pytest.raises(BackgroundShutdownError) as excinfo:
+        async with open_background_runtime(config) as runtime:
+            runtime.handle().spawn(job, name="j", request_id="r-j")
+    assert trio.current_time() == 1.0
+    final = runtime.statistics()
+    # Running at the cut-off, so `cancelled` -- whatever it raised afterwards.
+    assert all_counts(final) == expected(cancelled=1)
+    assert excinfo.value.cancelled == (meta("j", "r-j"),)
+    assert excinfo.value.dropped == ()
+    assert excinfo.value.statistics == final
+    [error] = records(caplog, logging.ERROR)
+    assert error.getMessage() == (
+        "background job 'j' raised an error while being cancelled (request_id='r-j')"
+    )
+    assert error.__dict__["job_name"] == "j"
+    assert error.__dict__["request_id"] == "r-j"
+    # The very error, in whatever groups the job's nurseries put it, the Cancelled taken out.
+    assert _leaves(exc_of(error)) == [cleanup_failed]
+    if depth == 0:
+        assert exc_of(error) is cleanup_failed
+    assert messages(caplog, logging.WARNING) == [
+        "background job 'j' cancelled at shutdown (request_id='r-j')"
+    ]
+
+
+@pytest.mark.parametrize(("depth", "strict"), SHAPES)
+async def test_body_error_leaves_unchanged_when_a_nursery_job_is_cut_off(
+    depth: int,
+    strict: bool,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    error = KeyError("body")
+    job = nested(depth, raising_in_cleanup(ValueError("cleanup failed")), strict=strict)
+    with pytest.raises(KeyError) as excinfo:
+        async with open_background_runtime() as runtime:
+            runtime.handle().spawn(job, name="j")
+            await trio.sleep(1)
+            raise error
+    assert excinfo.value is error
+    assert all_counts(runtime.statistics()) == expected(cancelled=1)
+    assert messages(caplog, logging.WARNING) == ["background job 'j' cancelled at shutdown"]
+
+
+@pytest.mark.parametrize(("depth", "strict"), SHAPES)
+async def test_body_cancelled_from_outside_leaves_as_a_bare_cancelled(
+    depth: int, strict: bool, autojump_clock: trio.testing.MockClock
+) -> None:
+    outcome: list[BaseException] = []
+    with trio.move_on_after(1):
+        try:
+            async with open_background_runtime() as runtime:
+                runtime.handle().spawn(nested(depth, trio.sleep_forever, strict=strict))
+                await trio.sleep_forever()
+        except BaseException as exc:
+            outcome.append(exc)
+            raise
+    [left] = outcome
+    assert type(left) is trio.Cancelled
+    assert all_counts(runtime.statistics()) == expected(cancelled=1)
+
+
+async def test_cancelled_aclose_cuts_off_a_nursery_job_and_propagates(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_background_runtime() as runtime:
+        runtime.handle().spawn(nested(1, trio.sleep_forever), name="j")
+        with trio.move_on_after(1) as scope:
+            await runtime.aclose()
+        assert scope.cancelled_caught
+        assert all_counts(runtime.statistics()) == expected(cancelled=1)
+
+
+# -- timeouts ---------------------------------------------------------------------------------
+
+
+async def test_job_times_out(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The config's job_timeout is the default; a job's own timeout overrides it, downwards
+    # or upwards, and math.inf means no limit at all (for spawn and send alike).
+    recorder = Recorder()
+    config = BackgroundTaskConfig(job_timeout=3.0)
+    cancelled_at: list[float] = []
+
+    async def own_limit() -> None:
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            cancelled_at.append(trio.current_time())
+            raise
+
+    async with open_background_runtime(config, instruments=[recorder]) as runtime:
+        handle = runtime.handle()
+        handle.spawn(trio.sleep_forever, name="default_limit", request_id="r-t")
+        handle.spawn(own_limit, name="own_limit", timeout=1.5)
+        handle.spawn(sleeper, 2.0, name="in_time")
+        handle.spawn(sleeper, 4.0, name="longer", timeout=5.0)
+        handle.spawn(sleeper, 1e6, name="unlimited", timeout=math.inf)
+        await handle.send(sleeper, 2e6, name="unlimited_sent", timeout=math.inf)
+        await runtime.wait_idle()
+        assert trio.current_time() == 2e6
+    assert cancelled_at == [1.5]
+    assert all_counts(runtime.statistics()) == expected(completed=4, timed_out=2)
+    assert sorted(recorder.of("finished")) == [
+        ("finished", "default_limit", "timed_out", 3.0),
+        ("finished", "in_time", "completed", 2.0),
+        ("finished", "longer", "completed", 4.0),
+        ("finished", "own_limit", "timed_out", 1.5),
+        ("finished", "unlimited", "completed", 1e6),
+        ("finished", "unlimited_sent", "completed", 2e6),
+    ]
+    assert messages(caplog, logging.WARNING) == [
+        "background job 'own_limit' timed out after 1.5 seconds",
+        "background job 'default_limit' timed out after 3 seconds (request_id='r-t')",
+    ]
+    warnings = records(caplog, logging.WARNING)
+    assert {r.__dict__["job_name"]: r.__dict__["request_id"] for r in warnings} == {
+        "default_limit": "r-t",
+        "own_limit": None,
+    }
+    assert records(caplog, logging.ERROR) == []
+
+
+@pytest.mark.parametrize(("depth", "strict"), SHAPES)
+async def test_nursery_job_past_its_timeout_counts_timed_out(
+    depth: int,
+    strict: bool,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with open_background_runtime() as runtime:
+        runtime.handle().spawn(
+            nested(depth, trio.sleep_forever, strict=strict), timeout=2, name="j"
+        )
+        await runtime.wait_idle()
+    assert trio.current_time() == 2
+    assert all_counts(runtime.statistics()) == expected(timed_out=1)
+    assert messages(caplog, logging.WARNING) == ["background job 'j' timed out after 2 seconds"]
+
+
+async def test_job_shields_itself_past_its_own_timeout(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # "A job past its timeout is cancelled and counts as timed_out." Like a job
+    # running at the drain cut-off, it counts so whatever it then does: this one
+    # shields itself and runs 5 s on a 1 s limit.
+    recorder = Recorder()
+
+    async def shields() -> None:
+        with trio.CancelScope(shield=True):
+            await trio.sleep(5)
+
+    async with open_background_runtime(instruments=[recorder]) as runtime:
+        runtime.handle().spawn(shields, name="shields", timeout=1.0)
+    assert trio.current_time() == 5.0
+    assert all_counts(runtime.statistics()) == expected(timed_out=1)
+    assert recorder.of("finished") == [("finished", "shields", "timed_out", 5.0)]
+    assert job_names(caplog, logging.WARNING) == ["shields"]
+
+
+async def test_job_swallows_cancelled_at_its_timeout(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Same rule: the job was past its timeout and was cancelled; that it caught the
+    # Cancelled and returned does not make it "completed".
+    recorder = Recorder()
+
+    async def swallows() -> None:
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            return  # bad manners, but it happens
+
+    async with open_background_runtime(instruments=[recorder]) as runtime:
+        runtime.handle().spawn(swallows, name="swallows", timeout=2.0)
+    assert trio.current_time() == 2.0
+    assert all_counts(runtime.statistics()) == expected(timed_out=1)
+    assert recorder.of("finished") == [("finished", "swallows", "timed_out", 2.0)]
+    assert job_names(caplog, logging.WARNING) == ["swallows"]
+
+
+async def test_job_blocks_the_thread_virtual_clock(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # time.sleep blocks the whole Trio thread for 50 ms of real time. The
+    # autojump clock only jumps when every task is blocked in Trio, so virtual
+    # time does not move meanwhile: the job ends at t=0 with duration 0.0, and a
+    # 10 ms (virtual) timeout does not fire. Nothing is lost or miscounted.
+    recorder = Recorder()
+    real: list[float] = []
+
+    async def hog() -> None:
+        start = time.perf_counter()
+        time.sleep(0.05)  # noqa: ASYNC251 (the fault under test)
+        real.append(time.perf_counter() - start)
+        await trio.lowlevel.checkpoint()
+
+    async with open_background_runtime(instruments=[recorder]) as runtime:
+        handle = runtime.handle()
+        handle.spawn(hog, name="hog", timeout=0.01)
+        handle.spawn(hog, name="hog2")
+        handle.spawn(sleeper, 1.0, name="bystander")
+        await runtime.wait_idle()
+    assert trio.current_time() == 1.0
+    assert len(real) == 2
+    assert min(real) >= 0.05
+    assert all_counts(runtime.statistics()) == expected(completed=3)
+    assert sorted(recorder.of("finished")) == [
+        ("finished", "bystander", "completed", 1.0),
+        ("finished", "hog", "completed", 0.0),
+        ("finished", "hog2", "completed", 0.0),
+    ]
+    assert records(caplog, logging.WARNING) == []
+
+
+async def test_job_blocks_the_thread_real_clock(caplog: pytest.LogCaptureFixture) -> None:
+    # The same fault under the real clock: the 10 ms timeout expires while the
+    # thread is blocked, and the job is cancelled at its next checkpoint.
+    async def hog() -> None:
+        time.sleep(0.05)  # noqa: ASYNC251 (the fault under test)
+        await trio.sleep(30)
+
+    start = time.perf_counter()
+    async with open_background_runtime() as runtime:
+        runtime.handle().spawn(hog, name="hog", timeout=0.01)
+    elapsed = time.perf_counter() - start
+    assert 0.05 <= elapsed < 10
+    assert all_counts(runtime.statistics()) == expected(timed_out=1)
+    assert job_names(caplog, logging.WARNING) == ["hog"]
+
+
+# -- KeyboardInterrupt and SystemExit ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("phase", ["body", "drain"])
+@pytest.mark.parametrize("kind", ["KeyboardInterrupt", "SystemExit"])
+async def test_job_raises_keyboard_interrupt_or_system_exit(
+    kind: str,
+    phase: str,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fatal: BaseException = KeyboardInterrupt() if kind == "KeyboardInterrupt" else SystemExit(3)
+    recorder = Recorder()
+    config = BackgroundTaskConfig(max_queue_size=5, max_concurrent_tasks=2, drain_timeout=50.0)
+    cancelled: list[str] = []
+    ran: list[str] = []
+
+    async def runs(label: str) -> None:
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            cancelled.append(label)
+            raise
+
+    async def queued(label: str) -> None:
+        ran.append(label)  # pragma: no cover (never runs)
+
+    async def dies() -> None:
+        await trio.sleep(1)
+        raise fatal
+
+    opened: list[BackgroundRuntime] = []
+
+    async def scenario() -> None:
+        async with open_background_runtime(config, instruments=[recorder]) as runtime:
+            opened.append(runtime)
+            handle = runtime.handle()
+            handle.spawn(runs, "a", name="a")
+            handle.spawn(dies, name="dies")
+            handle.spawn(queued, "c", name="c")
+            handle.spawn(queued, "d", name="d")
+            if phase == "body":
+                await trio.sleep(100)  # cancelled by the runtime at t=1
+
+    with pytest.raises(BaseException) as excinfo:  # noqa: PT011 (checked exactly below)
+        await scenario()
+    # The very exception, bare: not wrapped in an ExceptionGroup.
+    assert excinfo.value is fatal
+    assert trio.current_time() == 1.0
+    # The running job was really cancelled, the queued ones never ran.
+    assert cancelled == ["a"]
+    assert ran == []
+    [runtime] = opened
+    final = runtime.statistics()
+    assert final.closed
+    assert all_counts(final) == expected(failed=1, cancelled=1, dropped=2)
+    assert final.accepted == 4
+    assert sorted(recorder.of("finished")) == [
+        ("finished", "a", "cancelled", 1.0),
+        ("finished", "dies", "failed", 1.0),
+    ]
+    assert recorder.of("dropped") == [
+        ("dropped", "c", None, None),
+        ("dropped", "d", None, None),
+    ]
+    # Everything cut off is reported: one WARNING per cancelled or dropped job.
+    assert job_names(caplog, logging.WARNING) == ["a", "c", "d"]
 
 
 async def test_system_exit_leaves_with_its_cause_and_context(
@@ -278,30 +635,107 @@ async def test_keyboard_interrupt_from_a_nursery_child_leaves_the_block(
     assert (s.queued, s.running, s.failed, s.cancelled) == (0, 0, 1, 1)
 
 
-async def test_exception_groups_keep_every_member_in_the_log(
-    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
-) -> None:
-    a, b = ValueError("a"), KeyError("b")
-
-    async def raises(exc: BaseException) -> None:
-        raise exc
-
-    async def job() -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(raises, a)
-            nursery.start_soon(raises, b)
-
-    async with open_background_runtime() as runtime:
-        runtime.handle().spawn(job)
-    [error] = records(caplog, logging.ERROR)
-    assert error.exc_info is not None
-    assert isinstance(error.exc_info[1], ExceptionGroup)
-    assert set(map(id, _leaves(error.exc_info[1]))) == {id(a), id(b)}
-
-
-# -- every job in its own task and context ---------------------------------------------------------
+# -- every job in its own context and task ------------------------------------------------------
 
 REQUEST: contextvars.ContextVar[str] = contextvars.ContextVar("REQUEST", default="-")
+
+
+async def test_job_runs_in_the_context_its_submitter_had_at_submit(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    config = BackgroundTaskConfig(max_queue_size=10, max_concurrent_tasks=1)
+    seen: list[tuple[str, str]] = []
+    gate = trio.Event()
+
+    async def job(label: str) -> None:
+        seen.append((label, REQUEST.get()))
+
+    async def first() -> None:
+        seen.append(("first", REQUEST.get()))
+        await gate.wait()
+
+    async with open_background_runtime(config) as runtime:
+        handle = runtime.handle()
+        REQUEST.set("value-first")
+        handle.spawn(first)  # takes the slot at once
+        for label in ("q1", "q2", "q3"):
+            # Changed before first's task ever ran, and before each queued job starts.
+            REQUEST.set(f"value-{label}")
+            handle.spawn(job, label)
+        REQUEST.set("later")
+        assert runtime.statistics().queued == 3
+        gate.set()
+        await runtime.wait_idle()
+    # Not the dispatcher's context, not another job's, not the submitter's later value.
+    assert seen == [
+        ("first", "value-first"),
+        ("q1", "value-q1"),
+        ("q2", "value-q2"),
+        ("q3", "value-q3"),
+    ]
+
+
+async def test_a_waiting_send_runs_its_job_in_its_own_submitters_context(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    config = BackgroundTaskConfig(max_queue_size=0, max_concurrent_tasks=1)
+    seen: dict[str, str] = {}
+
+    async def job(label: str) -> None:
+        seen[label] = REQUEST.get()
+        await trio.sleep(1)
+
+    async with open_background_runtime(config) as runtime:
+
+        async def submitter(label: str) -> None:
+            REQUEST.set(f"ctx-{label}")
+            # With max_queue_size=0 all but the first wait in send(); each job must still
+            # run in its own submitter's context, not the task that freed the slot.
+            await runtime.handle().send(job, label)
+
+        async with trio.open_nursery() as nursery:
+            for label in ("x", "y", "z"):
+                nursery.start_soon(submitter, label)
+        await runtime.wait_idle()
+    assert seen == {"x": "ctx-x", "y": "ctx-y", "z": "ctx-z"}
+
+
+async def test_jobs_sharing_a_slot_keep_their_own_contexts(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # With one slot, jobs run one after another; what each sets in its context is seen
+    # by itself and the tasks it starts, never by the next job or by the submitter.
+    seen: list[tuple[str, str, str, str]] = []
+
+    async def job(label: str) -> None:
+        before = REQUEST.get()
+        REQUEST.set(f"set-by-{label}")
+        child: list[str] = []
+
+        async def read_in_child() -> None:
+            child.append(REQUEST.get())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_in_child)
+        await trio.sleep(1)
+        seen.append((label, before, child[0], REQUEST.get()))
+
+    async with open_background_runtime(BackgroundTaskConfig(max_concurrent_tasks=1)) as runtime:
+        handle = runtime.handle()
+        for label in ("a", "b", "c"):
+            REQUEST.set(f"submitted-{label}")
+            handle.spawn(job, label)
+        REQUEST.set("submitter-after")
+        await trio.testing.wait_all_tasks_blocked()  # "a" has set its own value
+        assert REQUEST.get() == "submitter-after"
+        await runtime.wait_idle()
+        assert REQUEST.get() == "submitter-after"
+    assert seen == [
+        ("a", "submitted-a", "set-by-a", "set-by-a"),
+        ("b", "submitted-b", "set-by-b", "set-by-b"),
+        ("c", "submitted-c", "set-by-c", "set-by-c"),
+    ]
+    assert trio.current_time() == 3
 
 
 class StampRequest(logging.Filter):
