@@ -98,14 +98,14 @@ class Admission:
         runtime = self.runtime
         if runtime.shutdown.phase is not Phase.OPEN:
             raise RuntimeClosedError
+        # Every step that can fail comes before the first change of state. A task started
+        # for a job that then fails to get its slot finds the job not RUNNING and returns.
         if not self.queued and self.limiter.borrowed_tokens < self.max_concurrent_tasks:
             slot = object()
+            self.start(job)
             self.limiter.acquire_on_behalf_of_nowait(slot)
-            try:
-                self.start(job, slot)
-            except BaseException:
-                self.limiter.release_on_behalf_of(slot)
-                raise
+            job.slot = slot
+            job.status = RUNNING
         elif self.queued < self.max_queue_size:
             job.context = contextvars.copy_context()
             self.send_channel.send_nowait(job)
@@ -116,17 +116,22 @@ class Admission:
         job.seq = self.last_seq
         self.accepted += 1
         if "job_accepted" in runtime.instruments.hooks:
-            runtime.in_context(job, runtime.instruments.call, "job_accepted", job.metadata())
+            runtime.call_hook(job, "job_accepted")
         return True
 
     @enable_ki_protection
     def spawn(self, job: Job) -> None:
-        if not self.try_accept(job):
-            self.rejected += 1
-            instruments = self.runtime.instruments
-            if "job_rejected" in instruments.hooks:
+        if self.try_accept(job):
+            return
+        error = QueueFullError()
+        self.rejected += 1
+        instruments = self.runtime.instruments
+        if "job_rejected" in instruments.hooks:
+            try:
                 contextvars.copy_context().run(instruments.call, "job_rejected", job.metadata())
-            raise QueueFullError
+            except BaseException as exc:  # the call itself failed (say, RecursionError)
+                raise error from exc
+        raise error
 
     @enable_ki_protection
     async def send(self, job: Job) -> None:
@@ -165,15 +170,17 @@ class Admission:
 
     # -- starting and handing on ------------------------------------------------------
 
-    def start(self, job: Job, slot: object) -> None:
-        """Start ``job``'s task holding ``slot``, or raise having started nothing."""
+    def start(self, job: Job) -> None:
+        """Start ``job``'s task, or raise having started nothing.
+
+        The task does nothing unless the caller then gives the job a slot and makes it
+        RUNNING, in the same synchronous step.
+        """
         context = job.context
         if context is None:
             context = job.context = contextvars.copy_context()
         assert self.start_task is not None
         context.run(self.start_task, job)  # the task runs in a copy of the job's context
-        job.slot = slot
-        job.status = RUNNING
 
     def hand_off(self, job: Job) -> HandOff | None:
         """Pass the slot of ``job``, which has ended, to the next queued job, if any.
@@ -204,7 +211,9 @@ class Admission:
                 else:
                     break
                 try:
-                    self.start(following, slot)
+                    self.start(following)
+                    following.slot = slot
+                    following.status = RUNNING
                 except BaseException as exc:  # e.g. MemoryError: that job fails, counted
                     runtime.failed += 1
                     following.status = FAILED

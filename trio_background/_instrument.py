@@ -91,7 +91,11 @@ class Instruments:
         #: For each hook name with at least one implementation: (instrument, method) pairs.
         self.hooks: dict[str, list[tuple[_Installed, Callable[..., object]]]] = {}
         self.on_interrupt: Callable[[BaseException], None] = _reraise
+        seen: list[object] = []
         for instrument in instruments:
+            if any(instrument is other for other in seen):
+                continue  # installed once, as trio does with its own instruments
+            seen.append(instrument)
             installed = _Installed(instrument)
             for hook in HOOKS:
                 method = getattr(instrument, hook, None)

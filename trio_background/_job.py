@@ -51,7 +51,10 @@ def _unwrap(fn: object) -> object:
 
 def _name_of(fn: object) -> str:
     fn = _unwrap(fn)
-    name = getattr(fn, "__qualname__", None)
+    try:
+        name = getattr(fn, "__qualname__", None)
+    except Exception:  # a __getattr__ that raises something else than AttributeError
+        name = None
     if isinstance(name, str):
         return name
     return type(fn).__qualname__
@@ -139,13 +142,14 @@ def _check_callable(method: str, fn: object) -> None:
     if isinstance(target, type):
         raise TypeError(
             f"{method}() expects an async function, not the class {target.__qualname__!r}: "
-            f"pass an async function that creates and uses it"
+            f"pass an async function that creates and uses it (to run blocking work in a "
+            f"thread, write {method}(trio.to_thread.run_sync, fn, *args))"
         )
 
 
 def make_job(
     method: str,
-    fn: Callable[..., object],
+    fn: object,
     args: tuple[object, ...],
     name: object,
     request_id: object,
@@ -161,6 +165,7 @@ def make_job(
     """
     if type(fn) is not types.FunctionType:  # plain functions need no further look
         _check_callable(method, fn)
+    assert callable(fn)
     if name is not None and not isinstance(name, str):
         raise TypeError(f"name must be a str or None, not {type(name).__name__}")
     if request_id is not None and not isinstance(request_id, str):
@@ -217,21 +222,22 @@ def outcome_of(
 ) -> tuple[str, BaseException | None, BaseException | None]:
     """How a run that ended with ``error`` counts: ``(outcome, fatal, cleanup_error)``.
 
-    ``fatal`` is what must leave the runtime (a KeyboardInterrupt or SystemExit, bare or
-    in a group, with any `trio.Cancelled` taken out); the run then counts ``failed``.
-    Otherwise a run the runtime cancelled (``cut_off``: its cut-off came while the job
-    ran; ``timed_out``: its own deadline passed) counts ``cancelled`` or ``timed_out``
+    A run the runtime cancelled (``cut_off``: its cut-off came while the job ran;
+    ``timed_out``: its own deadline passed) counts ``cancelled`` or ``timed_out``
     whatever its error, and ``cleanup_error`` is what it raised besides the
-    `trio.Cancelled` (to be logged). Any other error, a stray `trio.Cancelled`
-    included, is the job's failure.
+    `trio.Cancelled` (to be logged). ``fatal`` is what must leave the runtime (a
+    KeyboardInterrupt or SystemExit, bare or in a group, any `trio.Cancelled` taken
+    out); a run the runtime did not cancel then counts ``failed``. Any other error, a
+    stray `trio.Cancelled` included, is the job's failure.
     """
     rest = None if error is None else split_cancelled(error)[1]
-    if rest is not None and is_fatal(rest):
-        return FAILED, rest, None
+    fatal = rest if rest is not None and is_fatal(rest) else None
     if cut_off:
-        return CANCELLED, None, rest
+        return CANCELLED, fatal, None if fatal is not None else rest
     if timed_out:
-        return TIMED_OUT, None, rest
+        return TIMED_OUT, fatal, None if fatal is not None else rest
+    if fatal is not None:
+        return FAILED, fatal, None
     if error is None:
         return COMPLETED, None, None
     return FAILED, None, None

@@ -25,20 +25,22 @@ def emit(
 ) -> None:
     """Log one record on ``"trio_background"``; never raises.
 
-    Logging runs user code (filters, handlers). A `KeyboardInterrupt` raised there is
-    handed to ``on_interrupt``; any other error is printed to standard error, the way
-    `logging.Handler.handleError` reports a failing handler, and the runtime carries on.
+    Logging runs user code (filters, handlers). A `BaseException` that is not an
+    `Exception` (KeyboardInterrupt, SystemExit) raised there is handed to
+    ``on_interrupt``, which shuts the runtime down and re-raises it from the block; an
+    `Exception` is printed to standard error, the way `logging.Handler.handleError`
+    reports a failing handler, and the runtime carries on.
     """
     try:
         logger.log(level, msg, *args, exc_info=exc_info, extra=extra)
-    except KeyboardInterrupt as exc:
-        on_interrupt(exc)
-    except BaseException:
+    except Exception:
         try:
             sys.stderr.write("--- trio_background: error while logging ---\n")
             traceback.print_exc(file=sys.stderr)
         except BaseException:  # nothing is left to report with
             pass
+    except BaseException as exc:  # KeyboardInterrupt, SystemExit: never swallowed
+        on_interrupt(exc)
 
 
 def emit_job(

@@ -54,9 +54,11 @@ failure.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import threading
+from collections.abc import Coroutine
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, NoReturn, final
 
@@ -143,13 +145,15 @@ class Runtime:
     def make_job(
         self,
         method: str,
-        fn: Callable[..., object],
+        fn: object,
         args: tuple[object, ...],
         name: object,
         request_id: object,
         timeout: object,
     ) -> Job:
         if threading.get_ident() != self.thread:
+            if isinstance(fn, Coroutine):
+                fn.close()  # it will never run: no "never awaited" warning for it
             raise RuntimeError(
                 f"{method}() must be called from the runtime's Trio thread; from another "
                 f"thread use trio.from_thread.run_sync(handle.{method}, ...)"
@@ -172,6 +176,9 @@ class Runtime:
             job.started_at = trio.current_time()
             if "job_started" in hooks:
                 self.instruments.call("job_started", job.metadata())
+                if self.cut_off_begun():  # the hook interrupted the runtime
+                    shutdown.drop_unstarted(job)
+                    return
         error: BaseException | None = None
         timed_out = False
         try:
@@ -206,6 +213,11 @@ class Runtime:
         """Count how ``job`` ended, hand its slot on, then log and report it."""
         shutdown = self.shutdown
         outcome, fatal, cleanup = outcome_of(error, timed_out, self.cut_off_begun())
+        if fatal is not None:  # cut off first: no queued job may take this slot
+            self.note_fatal(fatal)
+            dropped = shutdown.cut_off_state()
+        else:
+            dropped = []
         if outcome == FAILED:
             self.failed += 1
         elif outcome == CANCELLED:
@@ -216,10 +228,6 @@ class Runtime:
         else:
             self.completed += 1
         job.status = outcome
-        dropped: list[Job] = []
-        if fatal is not None:  # cut off first: no queued job may take this slot
-            self.note_fatal(fatal)
-            dropped = shutdown.cut_off_state()
         events = self.admission.hand_off(job)
         # -- the state is complete; now the user code: log handlers, hooks ----------
         meta = job.metadata()
@@ -237,6 +245,14 @@ class Runtime:
             self.report_dropped(other)
 
     # -- reporting: log records and hooks, after the bookkeeping ----------------------------
+
+    def call_hook(self, job: Job, hook: str) -> None:
+        """Call ``hook(job metadata)`` for a job that is not running; never raises."""
+        try:
+            self.in_context(job, self.instruments.call, hook, job.metadata())
+        except BaseException as exc:  # the call itself failed (say, RecursionError)
+            with contextlib.suppress(BaseException):  # nothing is left to report with
+                self.log_error(job.metadata(), f"could not be reported to {hook}", exc)
 
     def in_context(self, job: Job, fn: Callable[..., object], *args: object) -> None:
         """Call ``fn`` for a job that is not running, in a copy of the job's context."""
@@ -259,7 +275,7 @@ class Runtime:
         if events is not None and "job_accepted" in hooks:
             # The counters already include the jobs of waiting send()s accepted just now.
             for other in events.admitted:
-                self.in_context(other, instruments.call, "job_accepted", other.metadata())
+                self.call_hook(other, "job_accepted")
         if "job_finished" in hooks:
             duration = trio.current_time() - job.started_at
             instruments.call("job_finished", job.metadata(), outcome, duration)
@@ -283,7 +299,7 @@ class Runtime:
         meta = job.metadata()
         self.in_context(job, self.log_warning, meta, "dropped at shutdown without starting")
         if "job_dropped" in self.instruments.hooks:
-            self.in_context(job, self.instruments.call, "job_dropped", meta)
+            self.call_hook(job, "job_dropped")
         job.release()
 
     # -- what must leave the block ------------------------------------------------------------
@@ -303,7 +319,15 @@ class Runtime:
         if self.outer_scope is not None:
             self.outer_scope.cancel()
 
+    def check_thread(self, method: str) -> None:
+        if threading.get_ident() != self.thread:
+            raise RuntimeError(
+                f"{method}() must be called from the runtime's Trio thread; from another "
+                f"thread use trio.from_thread.run(runtime.{method})"
+            )
+
     def check_not_in_job(self, method: str) -> None:
+        self.check_thread(method)
         nursery = self.jobs_nursery
         task: trio.lowlevel.Task | None = trio.lowlevel.current_task()
         while task is not None:
@@ -502,6 +526,7 @@ _USE_ASYNC_WITH = "write `async with open_background_runtime(...) as runtime:`"
 class BackgroundRuntimeManager:
     """What `open_background_runtime` returns: enter it with ``async with``."""
 
+    __module__ = "trio_background"  # as reprs and tracebacks show it: no private module
     __slots__ = ("_cm", "_runtime")
 
     def __init__(self, runtime: Runtime) -> None:

@@ -173,15 +173,7 @@ def _jobs(count: int) -> str:
     return "1 job" if count == 1 else f"{count} jobs"
 
 
-#: How many distinct job names the message of a shutdown report lists.
-_MAX_NAMES = 10
-
-
 def _names(jobs: tuple[BackgroundJobMetadata, ...]) -> str:
     """``send_email x3, reindex`` for the jobs' names, in order of first appearance."""
     counts = Counter(job.name for job in jobs)
-    shown = [name if n == 1 else f"{name} x{n}" for name, n in counts.items()]
-    if len(shown) > _MAX_NAMES:
-        rest = len(shown) - _MAX_NAMES
-        shown = [*shown[:_MAX_NAMES], f"{rest} more name{'s' if rest > 1 else ''}"]
-    return ", ".join(shown)
+    return ", ".join(name if n == 1 else f"{name} x{n}" for name, n in counts.items())

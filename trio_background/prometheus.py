@@ -1,9 +1,10 @@
 """Prometheus metrics for background jobs (optional extra).
 
 Install the extra with ``pip install '.[prometheus]'`` from a clone (it brings
-``prometheus-client``); this is the only module that imports ``prometheus_client``, and `trio_background` does
-not import it. Create one `PrometheusInstrument` and pass it to
-`~trio_background.open_background_runtime` through ``instruments=``::
+``prometheus-client``); this is the only module that imports
+``prometheus_client``, and `trio_background` does not import it. Create one
+`PrometheusInstrument` and pass it to `~trio_background.open_background_runtime`
+through ``instruments=``::
 
     from prometheus_client import CollectorRegistry
     from trio_background import open_background_runtime
