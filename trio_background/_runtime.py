@@ -154,10 +154,7 @@ class Runtime:
         if threading.get_ident() != self.thread:
             if isinstance(fn, Coroutine):
                 fn.close()  # it will never run: no "never awaited" warning for it
-            raise RuntimeError(
-                f"{method}() must be called from the runtime's Trio thread; from another "
-                f"thread use trio.from_thread.run_sync(handle.{method}, ...)"
-            )
+            self.check_thread(method, f"run_sync(handle.{method}, ...)")
         return make_job(method, fn, args, name, request_id, timeout, self.config.job_timeout)
 
     # -- running one job ------------------------------------------------------------------
@@ -319,15 +316,16 @@ class Runtime:
         if self.outer_scope is not None:
             self.outer_scope.cancel()
 
-    def check_thread(self, method: str) -> None:
+    def check_thread(self, method: str, advice: str) -> None:
+        """Raise unless called from the runtime's thread; ``advice``: the from_thread call."""
         if threading.get_ident() != self.thread:
             raise RuntimeError(
                 f"{method}() must be called from the runtime's Trio thread; from another "
-                f"thread use trio.from_thread.run(runtime.{method})"
+                f"thread use trio.from_thread.{advice}"
             )
 
     def check_not_in_job(self, method: str) -> None:
-        self.check_thread(method)
+        self.check_thread(method, f"run(runtime.{method})")
         nursery = self.jobs_nursery
         task: trio.lowlevel.Task | None = trio.lowlevel.current_task()
         while task is not None:
