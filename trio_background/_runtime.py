@@ -173,8 +173,10 @@ class Runtime:
             job.started_at = trio.current_time()
             if "job_started" in hooks:
                 self.instruments.call("job_started", job.metadata())
-                if self.cut_off_begun():  # the hook interrupted the runtime
-                    shutdown.drop_unstarted(job)
+                if self.cut_off_begun():
+                    # A hook interrupted the runtime: the job's code never runs. The
+                    # instruments saw it start, so it ends as a cancelled job, at once.
+                    self.finish(job, None, False)
                     return
         error: BaseException | None = None
         timed_out = False
@@ -613,6 +615,7 @@ def open_background_runtime(
 
 
 @asynccontextmanager
+@enable_ki_protection
 async def _open(runtime: Runtime) -> AsyncIterator[BackgroundRuntime]:
     runtime.thread = threading.get_ident()
     pending: BaseException | None = None

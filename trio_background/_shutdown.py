@@ -65,6 +65,7 @@ class Shutdown:
 
     # -- closing and cutting off --------------------------------------------------------
 
+    @enable_ki_protection
     def close_intake(self) -> None:
         """Refuse new jobs from now on and wake every waiting send() with an error."""
         if self.phase is not Phase.OPEN:
@@ -123,6 +124,7 @@ class Shutdown:
         with trio.CancelScope(shield=True):
             await self.done.wait()
 
+    @enable_ki_protection
     async def aclose(self, drain_timeout: float) -> None:
         # Only the first call drains against the deadline; later ones wait for it.
         first = self.phase is Phase.OPEN
