@@ -1,8 +1,9 @@
 """Admission: spawn/send accept a job completely or not at all, in order, from the right thread.
 
-Every test of a refused call runs it against a busy runtime (`assert_refused`) and proves
-that nothing was accepted or counted: ``statistics()`` is equal before and after the bad
-call, no instrument hook fired, and after the drain exactly the legitimate jobs ran.
+Every bad argument and every call from a foreign thread is made against a busy runtime
+(`assert_refused`), proving that nothing was accepted or counted: ``statistics()`` is equal
+before and after the bad call, no instrument hook fired, and after the drain exactly the
+legitimate jobs ran. Calls refused because shutdown began prove the same in their own way.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import pytest
 
 from trio_background import BackgroundJobMetadata, BackgroundTaskConfig
 
-# -- BackgroundTaskConfig --------------------------------------------------------------------
+# -- BackgroundTaskConfig -------------------------------------------------------------------
 
 
 def test_config_defaults() -> None:

@@ -1,4 +1,7 @@
-"""Instruments: hooks that raise, re-enter, or interrupt never derail the runtime."""
+"""Instruments: every hook in order, instruments of any shape, and hooks that misbehave.
+
+A hook that raises, re-enters the runtime or interrupts never derails the runtime.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +9,29 @@ import contextlib
 import logging
 import sys
 import types
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
-from helpers import Recorder, all_counts, check_invariants, expected, records, sleeper
+from helpers import (
+    Recorder,
+    all_counts,
+    check_invariants,
+    counts,
+    exc_of,
+    expected,
+    job_names,
+    meta,
+    records,
+    sleeper,
+)
 
 from trio_background import (
+    BackgroundInstrument,
+    BackgroundJobError,
     BackgroundJobMetadata,
+    BackgroundRuntime,
     BackgroundShutdownError,
     BackgroundTaskConfig,
     QueueFullError,
@@ -23,6 +41,250 @@ from trio_background import (
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
+
+
+# -- the hooks ------------------------------------------------------------------------------
+
+
+def test_instrument_base_hooks_do_nothing() -> None:
+    instrument = BackgroundInstrument()
+    job = BackgroundJobMetadata()
+    for hook in ("job_accepted", "job_rejected", "job_started", "job_dropped"):
+        assert getattr(instrument, hook)(job) is None
+    instrument.job_finished(job, "completed", 0.0)
+
+
+class EventLog(BackgroundInstrument):
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+
+    def job_accepted(self, job: BackgroundJobMetadata) -> None:
+        self.events.append(("accepted", job))
+
+    def job_rejected(self, job: BackgroundJobMetadata) -> None:
+        self.events.append(("rejected", job))
+
+    def job_started(self, job: BackgroundJobMetadata) -> None:
+        self.events.append(("started", job))
+
+    def job_finished(self, job: BackgroundJobMetadata, outcome: str, duration: float) -> None:
+        self.events.append(("finished", job, outcome, duration))
+
+    def job_dropped(self, job: BackgroundJobMetadata) -> None:
+        self.events.append(("dropped", job))
+
+    def take(self) -> list[tuple[Any, ...]]:
+        events, self.events = self.events, []
+        return events
+
+
+async def test_instruments_every_hook(autojump_clock: trio.testing.MockClock) -> None:
+    config = BackgroundTaskConfig(max_queue_size=1, max_concurrent_tasks=1, drain_timeout=1.5)
+    log = EventLog()
+
+    async def job(duration: float, fail: bool = False) -> None:
+        await trio.sleep(duration)
+        if fail:
+            raise BackgroundJobError("failed on purpose")
+
+    def meta(name: str) -> BackgroundJobMetadata:
+        return BackgroundJobMetadata(name=name, request_id=f"rid-{name}")
+
+    async def scenario() -> None:
+        async with open_background_runtime(config, instruments=[log]) as runtime:
+            handle = runtime.handle()
+            handle.spawn(job, 2.5, name="a", request_id="rid-a")
+            await trio.testing.wait_all_tasks_blocked()
+            assert log.take() == [("accepted", meta("a")), ("started", meta("a"))]
+
+            handle.spawn(job, 1.0, True, name="b", request_id="rid-b")
+            assert log.take() == [("accepted", meta("b"))]
+
+            with pytest.raises(QueueFullError):
+                handle.spawn(job, 0.0, name="c", request_id="rid-c")
+            assert log.take() == [("rejected", meta("c"))]
+
+            await runtime.wait_idle()
+            assert log.take() == [
+                ("finished", meta("a"), "completed", 2.5),
+                ("started", meta("b")),
+                ("finished", meta("b"), "failed", 1.0),
+            ]
+
+            handle.spawn(job, 100.0, name="d", request_id="rid-d", timeout=0.5)
+            await runtime.wait_idle()
+            assert log.take() == [
+                ("accepted", meta("d")),
+                ("started", meta("d")),
+                ("finished", meta("d"), "timed_out", 0.5),
+            ]
+
+            handle.spawn(job, 100.0, name="e", request_id="rid-e")
+            await trio.sleep(0.25)
+            handle.spawn(job, 0.0, name="f", request_id="rid-f")
+            assert log.take() == [
+                ("accepted", meta("e")),
+                ("started", meta("e")),
+                ("accepted", meta("f")),
+            ]
+
+    with pytest.raises(BackgroundShutdownError):
+        await scenario()
+    # e ran 0.25 before close and 1.5 of drain.
+    assert sorted(log.take()) == [
+        ("dropped", meta("f")),
+        ("finished", meta("e"), "cancelled", 1.75),
+    ]
+
+
+async def test_instruments_need_not_inherit_and_may_lack_hooks(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Objects need not subclass BackgroundInstrument: the hooks they lack are skipped, and
+    # an object with no hook at all is accepted too.
+    class OnlyFinished:
+        def __init__(self) -> None:
+            self.seen: list[tuple[str, str, float]] = []
+
+        def job_finished(self, job: BackgroundJobMetadata, outcome: str, duration: float) -> None:
+            self.seen.append((job.name, outcome, duration))
+
+    only = OnlyFinished()
+
+    async def fail() -> None:
+        raise ValueError("x")
+
+    async with open_background_runtime(instruments=[object(), only]) as runtime:
+        runtime.handle().spawn(sleeper, 0.75, name="slowish")
+        runtime.handle().spawn(fail)
+        await runtime.aclose()
+        with pytest.raises(RuntimeClosedError, match=r"^background runtime is closed$"):
+            runtime.handle().spawn(sleeper, 0.0)
+    assert sorted(only.seen) == [("slowish", "completed", 0.75), (fail.__qualname__, "failed", 0.0)]
+    assert counts(runtime) == {"completed": 1, "failed": 1}
+
+
+async def test_hooks_see_counters_that_add_up_against_their_own_count(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    seen = Recorder()
+    accepted = 0
+
+    class Checks:
+        def check(self) -> None:
+            s = runtime.statistics()
+            check_invariants(s)
+            assert s.accepted == accepted
+
+        def job_started(self, job: BackgroundJobMetadata) -> None:
+            self.check()
+
+        def job_finished(self, job: BackgroundJobMetadata, outcome: str, duration: float) -> None:
+            self.check()
+
+    config = BackgroundTaskConfig(max_concurrent_tasks=2, max_queue_size=3)
+    async with open_background_runtime(config, instruments=[seen, Checks()]) as runtime:
+        handle = runtime.handle()
+        for i in range(5):
+            handle.spawn(sleeper, i % 3)
+            accepted += 1
+    assert len(seen.of("finished")) == accepted
+
+
+# -- hooks that raise -----------------------------------------------------------------------
+
+
+class Exploding(Recorder):
+    """Records like Recorder, but raises from one chosen hook."""
+
+    def __init__(self, hook: str) -> None:
+        super().__init__()
+        self.hook = hook
+        self.error = RuntimeError(f"instrument broke in {hook}")
+
+    def _maybe_raise(self, hook: str) -> None:
+        if hook == self.hook:
+            raise self.error
+
+    def job_accepted(self, job: BackgroundJobMetadata) -> None:
+        super().job_accepted(job)
+        self._maybe_raise("job_accepted")
+
+    def job_rejected(self, job: BackgroundJobMetadata) -> None:
+        super().job_rejected(job)
+        self._maybe_raise("job_rejected")
+
+    def job_started(self, job: BackgroundJobMetadata) -> None:
+        super().job_started(job)
+        self._maybe_raise("job_started")
+
+    def job_finished(self, job: BackgroundJobMetadata, outcome: str, duration: float) -> None:
+        super().job_finished(job, outcome, duration)
+        self._maybe_raise("job_finished")
+
+    def job_dropped(self, job: BackgroundJobMetadata) -> None:
+        super().job_dropped(job)
+        self._maybe_raise("job_dropped")
+
+
+@pytest.mark.parametrize(
+    "hook", ["job_accepted", "job_started", "job_rejected", "job_finished", "job_dropped"]
+)
+async def test_instrument_raises(
+    hook: str, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # One scenario fires every hook: A runs, B queues, C is rejected; at t=1 A
+    # completes and B starts, D queues; the drain deadline at t=3 cancels B and
+    # drops D. The instrument `bad` raises from `hook` the first time it is called.
+    bad = Exploding(hook)
+    good = Recorder()
+    config = BackgroundTaskConfig(max_queue_size=1, max_concurrent_tasks=1, drain_timeout=2.0)
+    opened: list[BackgroundRuntime] = []
+
+    async def scenario() -> None:
+        async with open_background_runtime(config, instruments=[bad, good]) as runtime:
+            opened.append(runtime)
+            handle = runtime.handle()
+            handle.spawn(sleeper, 1.0, name="A")
+            handle.spawn(trio.sleep_forever, name="B")
+            with pytest.raises(QueueFullError, match=r"^background task queue is full$"):
+                handle.spawn(sleeper, 1.0, name="C")
+            await trio.sleep(1)
+            await trio.testing.wait_all_tasks_blocked()  # A has ended, B has started
+            handle.spawn(sleeper, 1.0, name="D")
+
+    with pytest.raises(BackgroundShutdownError) as excinfo:
+        await scenario()
+    [runtime] = opened
+    assert trio.current_time() == 3.0
+    # The runtime and the jobs were not disturbed.
+    final = runtime.statistics()
+    assert all_counts(final) == expected(completed=1, cancelled=1, dropped=1, rejected=1)
+    assert excinfo.value.cancelled == (meta("B"),)
+    assert excinfo.value.dropped == (meta("D"),)
+    # The well-behaved instrument saw every hook.
+    # job_started fires in the job's own task, when its code begins.
+    assert good.calls[:7] == [
+        ("accepted", "A", None, None),
+        ("accepted", "B", None, None),
+        ("rejected", "C", None, None),
+        ("started", "A", None, None),
+        ("finished", "A", "completed", 1.0),
+        ("started", "B", None, None),
+        ("accepted", "D", None, None),
+    ]
+    assert sorted(good.calls[7:]) == [
+        ("dropped", "D", None, None),
+        ("finished", "B", "cancelled", 2.0),
+    ]
+    # The exploding one was called up to its first failure, and never again.
+    first = next(i for i, call in enumerate(good.calls) if f"job_{call[0]}" == hook)
+    assert bad.calls == good.calls[: first + 1]
+    # Logged once, at ERROR, with the instrument's exception.
+    [error] = records(caplog, logging.ERROR)
+    assert exc_of(error) is bad.error
+    assert error.getMessage() == f"instrument {bad!r} raised in {hook}; removing it"
+    assert job_names(caplog, logging.WARNING) == ["B", "D"]
 
 
 @pytest.mark.parametrize("error", [SystemExit(1), GeneratorExit(), trio.Cancelled._create()])
@@ -136,73 +398,3 @@ async def test_keyboard_interrupt_from_a_hook_leaves_the_block_with_nothing_left
     check_invariants(s)
     assert (s.queued, s.running) == (0, 0)
     assert s.accepted == s.cancelled + s.dropped + s.completed
-
-
-async def test_keyboard_interrupt_while_logging_a_failed_job_strands_nothing(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    interrupt = KeyboardInterrupt()
-    ran: list[str] = []
-
-    class InterruptOnce(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            pass
-
-        def handle(self, record: logging.LogRecord) -> bool:
-            if record.getMessage() == "background job 'fails' failed":
-                raise interrupt
-            return True
-
-    async def fails() -> None:
-        await trio.sleep(1)
-        raise ValueError("boom")
-
-    async def next_job() -> None:
-        ran.append("next")
-
-    handler = InterruptOnce()
-    logger = logging.getLogger("trio_background")
-    logger.addHandler(handler)
-    try:
-        config = BackgroundTaskConfig(max_concurrent_tasks=1)
-        with trio.fail_after(10), pytest.raises(KeyboardInterrupt) as excinfo:
-            async with open_background_runtime(config) as runtime:
-                runtime.handle().spawn(fails, name="fails")
-                runtime.handle().spawn(next_job, name="next")
-                await trio.sleep_forever()
-    finally:
-        logger.removeHandler(handler)
-    assert excinfo.value is interrupt
-    s = runtime.statistics()
-    assert (s.queued, s.running) == (0, 0)
-    check_invariants(s)
-    assert s.failed == 1
-    assert s.completed + s.dropped == 1  # "next" ran or was reported, never stranded
-    assert ran == ([] if s.dropped else ["next"])
-
-
-async def test_hooks_see_counters_that_add_up_against_their_own_count(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    seen = Recorder()
-    accepted = 0
-
-    class Checks:
-        def check(self) -> None:
-            s = runtime.statistics()
-            check_invariants(s)
-            assert s.accepted == accepted
-
-        def job_started(self, job: BackgroundJobMetadata) -> None:
-            self.check()
-
-        def job_finished(self, job: BackgroundJobMetadata, outcome: str, duration: float) -> None:
-            self.check()
-
-    config = BackgroundTaskConfig(max_concurrent_tasks=2, max_queue_size=3)
-    async with open_background_runtime(config, instruments=[seen, Checks()]) as runtime:
-        handle = runtime.handle()
-        for i in range(5):
-            handle.spawn(sleeper, i % 3)
-            accepted += 1
-    assert len(seen.of("finished")) == accepted

@@ -89,7 +89,7 @@ SHAPES = [
 ]
 
 
-# -- a job fails ------------------------------------------------------------------------------
+# -- a job fails ----------------------------------------------------------------------------
 
 
 async def test_job_raises_exception(
@@ -205,7 +205,7 @@ async def test_job_is_not_an_async_function(
     )
 
 
-# -- a Cancelled the runtime did not cause is the job's own failure --------------------------
+# -- a Cancelled the runtime did not cause is the job's own failure -------------------------
 
 
 async def test_a_jobs_own_leaked_cancel_scope_fails_that_job_only(
@@ -258,7 +258,7 @@ async def test_a_cancelled_the_job_raises_itself_is_its_failure_not_a_shutdown(
     assert all_counts(runtime.statistics()) == expected(failed=1, completed=1)
 
 
-# -- cancelled by the runtime, in every shape -------------------------------------------------
+# -- cancelled by the runtime, in every shape -----------------------------------------------
 
 
 @pytest.mark.parametrize(("depth", "strict"), SHAPES)
@@ -364,7 +364,7 @@ async def test_cancelled_aclose_cuts_off_a_nursery_job_and_propagates(
         assert all_counts(runtime.statistics()) == expected(cancelled=1)
 
 
-# -- timeouts ---------------------------------------------------------------------------------
+# -- timeouts -------------------------------------------------------------------------------
 
 
 async def test_job_times_out(
@@ -523,7 +523,7 @@ async def test_job_blocks_the_thread_real_clock(caplog: pytest.LogCaptureFixture
     assert job_names(caplog, logging.WARNING) == ["hog"]
 
 
-# -- KeyboardInterrupt and SystemExit ---------------------------------------------------------
+# -- KeyboardInterrupt and SystemExit -------------------------------------------------------
 
 
 @pytest.mark.parametrize("phase", ["body", "drain"])
@@ -635,7 +635,7 @@ async def test_keyboard_interrupt_from_a_nursery_child_leaves_the_block(
     assert (s.queued, s.running, s.failed, s.cancelled) == (0, 0, 1, 1)
 
 
-# -- every job in its own context and task ------------------------------------------------------
+# -- every job in its own context and task --------------------------------------------------
 
 REQUEST: contextvars.ContextVar[str] = contextvars.ContextVar("REQUEST", default="-")
 

@@ -1,173 +1,78 @@
-"""Runtime behaviour beyond the seed: contextvars, threads, errors, timeouts, shutdown, send.
+"""The ``async with`` block and the public classes: what leaves the block, misuse, reprs.
 
-All timing uses virtual time (``autojump_clock``), so exact ``trio.current_time()`` values
-are asserted wherever the contract pins them down.
+How the block drains when it ends normally is in ``test_shutdown.py``; here is what happens
+when its body raises or is cancelled, what `open_background_runtime` refuses, the
+messages that say how to use it instead, and the public classes it hands out.
 """
 
 from __future__ import annotations
 
-import contextvars
+import inspect
 import logging
+import re
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
-from helpers import counts, records
+from helpers import Recorder, counts, job_names, records
 
 from trio_background import (
     BackgroundHandle,
-    BackgroundInstrument,
-    BackgroundJobError,
-    BackgroundJobMetadata,
     BackgroundRuntime,
-    BackgroundShutdownError,
     BackgroundTaskConfig,
-    QueueFullError,
-    RuntimeClosedError,
     open_background_runtime,
 )
 
-request_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_var", default="unset")
+#: A private name of the package (``_runtime``, ``trio_background._job``...).
+PRIVATE = re.compile(r"\b_[A-Za-z]\w*|trio_background\._")
 
-# -- contextvars ------------------------------------------------------------------------
-
-
-# -- threads ----------------------------------------------------------------------------
+USE_ASYNC_WITH = "write `async with open_background_runtime(...) as runtime:`"
 
 
-# -- failures ---------------------------------------------------------------------------
+# -- what leaves the block ------------------------------------------------------------------
 
 
-# -- timeouts ---------------------------------------------------------------------------
-
-
-# -- shutdown ---------------------------------------------------------------------------
-
-
-async def test_cancelled_aclose_cuts_off_at_once(
+async def test_body_raises(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    config = BackgroundTaskConfig(max_queue_size=5, max_concurrent_tasks=1, drain_timeout=30.0)
-    cancelled_at: list[float] = []
-    t0 = trio.current_time()
-
-    async def job() -> None:
-        try:
-            await trio.sleep(100)
-        except trio.Cancelled:
-            cancelled_at.append(trio.current_time() - t0)
-            raise
-
-    async with open_background_runtime(config) as runtime:
-        handle = runtime.handle()
-        handle.spawn(job, name="running")
-        handle.spawn(job, name="queued-1")
-        handle.spawn(job, name="queued-2")
-        with trio.move_on_after(1) as scope:
-            await runtime.aclose()
-        assert scope.cancelled_caught  # the cancellation propagated out of aclose()
-        assert trio.current_time() - t0 == 1.0  # cut off at once, not after drain_timeout
-        # Counted as at the deadline, and the cancelled job has really ended.
-        assert runtime.statistics().closed
-        assert counts(runtime) == {"cancelled": 1, "dropped": 2}
-        assert cancelled_at == [1.0]
-    # Leaving the block calls aclose() again: nothing left to report.
-    assert trio.current_time() - t0 == 1.0
-    warned = sorted(r.__dict__["job_name"] for r in records(caplog, logging.WARNING))
-    assert warned == ["queued-1", "queued-2", "running"]
-
-
-async def test_no_job_running_after_cancelled_aclose_returns(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    # Contract invariant: "after aclose() returns or raises, queued == running == 0".
-    async def job() -> None:
-        await trio.sleep(100)
-
-    async with open_background_runtime() as runtime:
-        runtime.handle().spawn(job)
-        with trio.move_on_after(1):
-            await runtime.aclose()
-        stats = runtime.statistics()
-        assert (stats.queued, stats.running) == (0, 0)
-        assert stats.cancelled == 1
-
-
-async def test_aclose_from_inside_job_raises(autojump_clock: trio.testing.MockClock) -> None:
-    errors: list[str] = []
-
-    async with open_background_runtime() as runtime:
-
-        async def closer() -> None:
-            with pytest.raises(RuntimeError, match=r"would wait for itself") as excinfo:
-                await runtime.aclose()
-            errors.append(str(excinfo.value))
-            with pytest.raises(RuntimeError, match=r"would wait for itself") as excinfo:
-                await runtime.wait_idle()
-            errors.append(str(excinfo.value))
-
-        async def nested() -> None:
-            # A task in a nursery inside a job still belongs to that job.
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(closer)
-
-        async def quick() -> None:
-            pass
-
-        runtime.handle().spawn(closer)
-        runtime.handle().spawn(nested)
-        await runtime.wait_idle()
-        assert len(errors) == 4
-        assert counts(runtime) == {"completed": 2}
-        # That call did not close the runtime.
-        assert not runtime.statistics().closed
-        runtime.handle().spawn(quick)
-        await runtime.wait_idle()
-        assert counts(runtime) == {"completed": 3}
-
-
-async def test_body_exception_propagates_unchanged(
-    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
-) -> None:
-    config = BackgroundTaskConfig(max_queue_size=5, max_concurrent_tasks=1, drain_timeout=30.0)
-    error = ValueError("body failed")
-    observed_cancel = False
-    queued_ran = False
-    t0 = trio.current_time()
+    problem = LookupError("body failed")
+    config = BackgroundTaskConfig(max_queue_size=5, max_concurrent_tasks=1, drain_timeout=60.0)
+    cancelled: list[float] = []
+    ran: list[str] = []
+    opened: list[BackgroundRuntime] = []
 
     async def running() -> None:
-        nonlocal observed_cancel
         try:
-            await trio.sleep(100)
+            await trio.sleep(5)
         except trio.Cancelled:
-            observed_cancel = True
+            cancelled.append(trio.current_time())
             raise
 
     async def queued() -> None:
-        nonlocal queued_ran
-        queued_ran = True
+        ran.append("queued")  # pragma: no cover (never runs)
 
-    runtimes: list[BackgroundRuntime] = []
-
-    async def body() -> None:
+    async def scenario() -> None:
         async with open_background_runtime(config) as runtime:
-            runtimes.append(runtime)
-            runtime.handle().spawn(running)
-            runtime.handle().spawn(queued)
+            opened.append(runtime)
+            handle = runtime.handle()
+            handle.spawn(running, name="running")
+            handle.spawn(queued, name="queued")
             await trio.sleep(0.5)
-            raise error
+            raise problem
 
-    with pytest.raises(ValueError, match=r"^body failed$") as excinfo:
-        await body()
-    assert excinfo.value is error  # same object, no ExceptionGroup around it
-    assert trio.current_time() - t0 == 0.5  # no drain
-    assert observed_cancel
-    assert not queued_ran
-    [runtime] = runtimes
-    assert counts(runtime) == {"cancelled": 1, "dropped": 1}
+    with pytest.raises(LookupError, match=r"^body failed$") as excinfo:
+        await scenario()
+    [runtime] = opened
+    # Unchanged, unwrapped, and no drain: cut off at once.
+    assert excinfo.value is problem
+    assert trio.current_time() == 0.5
+    assert cancelled == [0.5]
+    assert ran == []
     assert runtime.statistics().closed
-    assert len(records(caplog, logging.WARNING)) == 2
+    assert counts(runtime) == {"cancelled": 1, "dropped": 1}
+    assert job_names(caplog, logging.WARNING) == ["queued", "running"]
+    assert records(caplog, logging.ERROR) == []
 
 
 async def test_body_cancelled_from_outside(
@@ -197,265 +102,138 @@ async def test_body_cancelled_from_outside(
     assert counts(runtime) == {"cancelled": 2, "dropped": 1}
 
 
-async def test_aclose_idempotent(autojump_clock: trio.testing.MockClock) -> None:
-    async def job() -> None:
-        await trio.sleep(2)
-
-    async with open_background_runtime() as runtime:
-        runtime.handle().spawn(job)
-        results: list[tuple[str, float]] = []
-
-        async def close(label: str) -> None:
-            await runtime.aclose()  # neither call raises
-            results.append((label, trio.current_time()))
-
-        t0 = trio.current_time()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(close, "first")
-            await trio.testing.wait_all_tasks_blocked()
-            nursery.start_soon(close, "second")
-        # The second, concurrent call waited for the first to finish.
-        assert sorted(results) == [("first", t0 + 2), ("second", t0 + 2)]
-        await runtime.aclose()
-        assert trio.current_time() == t0 + 2
-        assert counts(runtime) == {"completed": 1}
+# -- open_background_runtime() refuses bad arguments ----------------------------------------
 
 
-async def test_aclose_concurrent_only_first_raises(autojump_clock: trio.testing.MockClock) -> None:
-    config = BackgroundTaskConfig(drain_timeout=1.0)
-
-    async def job() -> None:
-        await trio.sleep(100)
-
-    async with open_background_runtime(config) as runtime:
-        runtime.handle().spawn(job, name="stuck")
-        outcomes: dict[str, object] = {}
-
-        async def close(label: str) -> None:
-            try:
-                await runtime.aclose()
-            except BackgroundShutdownError as exc:
-                outcomes[label] = exc
-            else:
-                outcomes[label] = None
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(close, "first")
-            await trio.testing.wait_all_tasks_blocked()
-            nursery.start_soon(close, "second")
-        first = outcomes["first"]
-        assert isinstance(first, BackgroundShutdownError)
-        assert first.cancelled == (BackgroundJobMetadata(name="stuck"),)
-        assert outcomes["second"] is None
-        await runtime.aclose()
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"config": "x"}, "config must be a BackgroundTaskConfig or None, not str"),
+        (
+            {"config": {"max_queue_size": 1}},
+            "config must be a BackgroundTaskConfig or None, not dict",
+        ),
+        ({"instruments": 5}, "instruments must be an iterable of instruments, not int"),
+        ({"instruments": "abc"}, "instruments must be an iterable of instruments, not a string"),
+    ],
+)
+async def test_open_runtime_rejects_bad_arguments(kwargs: dict[str, Any], message: str) -> None:
+    recorder = Recorder()
+    entered = False
+    args: dict[str, Any] = {"instruments": [recorder], **kwargs}
+    with pytest.raises(TypeError, match=rf"^{message}$"):
+        async with open_background_runtime(**args):
+            entered = True  # pragma: no cover
+    assert not entered
+    assert recorder.calls == []
 
 
-async def test_idle_aclose_returns_none_with_zero_drain_timeout(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    async def quick() -> None:
+# -- misuse gets a message that says what to write instead ----------------------------------
+
+
+def test_plain_with_says_async_with() -> None:
+    message = (
+        f"open_background_runtime() is an async context manager: {USE_ASYNC_WITH} instead of `with`"
+    )
+    with (
+        pytest.raises(TypeError, match=rf"^{re.escape(message)}$") as excinfo,
+        open_background_runtime(),  # type: ignore[attr-defined]
+    ):
         pass
-
-    config = BackgroundTaskConfig(drain_timeout=0.0)
-    async with open_background_runtime(config) as runtime:
-        runtime.handle().spawn(quick)
-        await runtime.wait_idle()
-        t0 = trio.current_time()
-        await runtime.aclose()
-        # No polling floor: not even a virtual tick passed.
-        assert trio.current_time() == t0
-        assert counts(runtime) == {"completed": 1}
-    async with open_background_runtime(config) as runtime:
-        t0 = trio.current_time()
-        await runtime.aclose()
-        assert trio.current_time() == t0
+    assert not PRIVATE.search(str(excinfo.value))
 
 
-async def test_wait_idle(
-    autojump_clock: trio.testing.MockClock, small_config: BackgroundTaskConfig
-) -> None:
-    config = small_config  # two slots, two queued
-    woke: list[float] = []
+@pytest.mark.parametrize("name", ["handle", "statistics", "spawn", "aclose"])
+def test_using_the_manager_without_entering_it_says_async_with(name: str) -> None:
+    message = (
+        f"open_background_runtime() returns an async context manager, not the runtime, "
+        f"so it has no attribute {name!r}: {USE_ASYNC_WITH} and use `runtime` inside the block"
+    )
+    with pytest.raises(AttributeError, match=rf"^{re.escape(message)}$") as excinfo:
+        getattr(open_background_runtime(), name)
+    assert not PRIVATE.search(str(excinfo.value))
 
-    async def job(duration: float) -> None:
-        await trio.sleep(duration)
 
-    async with open_background_runtime(config) as runtime:
-        t0 = trio.current_time()
-        await runtime.wait_idle()  # already idle: returns at once
-        assert trio.current_time() == t0
+async def test_awaiting_the_manager_says_async_with() -> None:
+    message = f"open_background_runtime() is not awaitable: {USE_ASYNC_WITH}"
+    with pytest.raises(TypeError, match=rf"^{re.escape(message)}$") as excinfo:
+        await open_background_runtime()  # type: ignore[misc]
+    assert not PRIVATE.search(str(excinfo.value))
+
+
+async def test_entering_the_manager_twice_is_refused() -> None:
+    manager = open_background_runtime()
+    async with manager as runtime:
+        runtime.handle().spawn(trio.lowlevel.checkpoint)
+    with pytest.raises(
+        RuntimeError, match=r"^this open_background_runtime\(\) was already entered once$"
+    ):
+        async with manager:
+            pass  # pragma: no cover
+    assert counts(runtime) == {"completed": 1}
+
+
+@pytest.mark.parametrize("name", ["spawn", "send"])
+async def test_runtime_spawn_says_use_a_handle(name: str) -> None:
+    message = (
+        f"'BackgroundRuntime' object has no attribute {name!r}: jobs are submitted "
+        f"through a handle, e.g. runtime.handle().{name}(fn, *args)"
+    )
+    async with open_background_runtime() as runtime:
+        with pytest.raises(AttributeError, match=rf"^{re.escape(message)}$") as excinfo:
+            getattr(runtime, name)
+        # Any other missing attribute is a plain AttributeError.
+        with pytest.raises(
+            AttributeError, match=r"^'BackgroundRuntime' object has no attribute 'spawn_soon'$"
+        ):
+            getattr(runtime, "spawn_soon")  # noqa: B009 (mypy would refuse the attribute)
+    assert not PRIVATE.search(str(excinfo.value))
+
+
+# -- the public classes ---------------------------------------------------------------------
+
+
+async def test_handle_and_runtime_api_shape() -> None:
+    assert inspect.isclass(BackgroundHandle)
+    assert inspect.isclass(BackgroundRuntime)
+    assert callable(BackgroundHandle.spawn)
+    assert inspect.iscoroutinefunction(BackgroundHandle.send)
+    assert inspect.iscoroutinefunction(BackgroundRuntime.aclose)
+    assert inspect.iscoroutinefunction(BackgroundRuntime.wait_idle)
+    async with open_background_runtime() as runtime:
+        assert type(runtime) is BackgroundRuntime
         handle = runtime.handle()
-        for duration in (1.0, 3.0, 1.5, 0.25):
-            handle.spawn(job, duration)
-
-        async def waiter() -> None:
-            await runtime.wait_idle()
-            woke.append(trio.current_time() - t0)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(waiter)
-            nursery.start_soon(waiter)
-        # Slots: 1.0 [0,1], 3.0 [0,3], 1.5 [1,2.5], 0.25 [2.5,2.75] -> idle at 3.
-        assert woke == [3.0, 3.0]
-        stats = runtime.statistics()
-        assert (stats.queued, stats.running, stats.completed) == (0, 0, 4)
+        assert type(handle) is BackgroundHandle
+        assert runtime.handle() is not handle  # a new handle each time
 
 
-# -- instruments ------------------------------------------------------------------------
-
-
-class EventLog(BackgroundInstrument):
-    def __init__(self) -> None:
-        self.events: list[tuple[Any, ...]] = []
-
-    def job_accepted(self, job: BackgroundJobMetadata) -> None:
-        self.events.append(("accepted", job))
-
-    def job_rejected(self, job: BackgroundJobMetadata) -> None:
-        self.events.append(("rejected", job))
-
-    def job_started(self, job: BackgroundJobMetadata) -> None:
-        self.events.append(("started", job))
-
-    def job_finished(self, job: BackgroundJobMetadata, outcome: str, duration: float) -> None:
-        self.events.append(("finished", job, outcome, duration))
-
-    def job_dropped(self, job: BackgroundJobMetadata) -> None:
-        self.events.append(("dropped", job))
-
-    def take(self) -> list[tuple[Any, ...]]:
-        events, self.events = self.events, []
-        return events
-
-
-async def test_instruments_every_hook(autojump_clock: trio.testing.MockClock) -> None:
-    config = BackgroundTaskConfig(max_queue_size=1, max_concurrent_tasks=1, drain_timeout=1.5)
-    log = EventLog()
-
-    async def job(duration: float, fail: bool = False) -> None:
-        await trio.sleep(duration)
-        if fail:
-            raise BackgroundJobError("failed on purpose")
-
-    def meta(name: str) -> BackgroundJobMetadata:
-        return BackgroundJobMetadata(name=name, request_id=f"rid-{name}")
-
-    async def scenario() -> None:
-        async with open_background_runtime(config, instruments=[log]) as runtime:
-            handle = runtime.handle()
-            handle.spawn(job, 2.5, name="a", request_id="rid-a")
-            await trio.testing.wait_all_tasks_blocked()
-            assert log.take() == [("accepted", meta("a")), ("started", meta("a"))]
-
-            handle.spawn(job, 1.0, True, name="b", request_id="rid-b")
-            assert log.take() == [("accepted", meta("b"))]
-
-            with pytest.raises(QueueFullError):
-                handle.spawn(job, 0.0, name="c", request_id="rid-c")
-            assert log.take() == [("rejected", meta("c"))]
-
-            await runtime.wait_idle()
-            assert log.take() == [
-                ("finished", meta("a"), "completed", 2.5),
-                ("started", meta("b")),
-                ("finished", meta("b"), "failed", 1.0),
-            ]
-
-            handle.spawn(job, 100.0, name="d", request_id="rid-d", timeout=0.5)
-            await runtime.wait_idle()
-            assert log.take() == [
-                ("accepted", meta("d")),
-                ("started", meta("d")),
-                ("finished", meta("d"), "timed_out", 0.5),
-            ]
-
-            handle.spawn(job, 100.0, name="e", request_id="rid-e")
-            await trio.sleep(0.25)
-            handle.spawn(job, 0.0, name="f", request_id="rid-f")
-            assert log.take() == [
-                ("accepted", meta("e")),
-                ("started", meta("e")),
-                ("accepted", meta("f")),
-            ]
-
-    with pytest.raises(BackgroundShutdownError):
-        await scenario()
-    # e ran 0.25 before close and 1.5 of drain.
-    assert sorted(log.take()) == [
-        ("dropped", meta("f")),
-        ("finished", meta("e"), "cancelled", 1.75),
-    ]
-
-
-async def test_raising_instrument_is_logged_once_and_removed(
-    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
-) -> None:
-    class Broken(BackgroundInstrument):
-        def __init__(self) -> None:
-            self.calls = 0
-
-        def job_accepted(self, job: BackgroundJobMetadata) -> None:
-            self.calls += 1
-            raise RuntimeError("instrument bug")
-
-        def job_finished(self, job: BackgroundJobMetadata, outcome: str, duration: float) -> None:
-            self.calls += 1
-
-    broken = Broken()
-    healthy = EventLog()
-    ran: list[int] = []
-
-    async def job(i: int) -> None:
-        await trio.sleep(1)
-        ran.append(i)
-
-    async with open_background_runtime(instruments=[broken, healthy]) as runtime:
-        handle = runtime.handle()
-        handle.spawn(job, 1)  # the job is accepted and runs despite the raising hook
-        handle.spawn(job, 2)
-        await runtime.wait_idle()
-        assert sorted(ran) == [1, 2]
-        assert counts(runtime) == {"completed": 2}
-        await runtime.aclose()
-    # Called once, then removed: not even its other, working hook is called again.
-    assert broken.calls == 1
-    finished = [e for e in healthy.events if e[0] == "finished"]
-    assert len(finished) == 2
-    assert [e[0] for e in healthy.events].count("accepted") == 2
-    errors = records(caplog, logging.ERROR)
-    assert len(errors) == 1
-    assert errors[0].exc_info is not None
-    assert isinstance(errors[0].exc_info[1], RuntimeError)
-
-
-async def test_partial_instrument_without_base_class(
+async def test_reprs_name_the_public_classes_and_the_runtimes_state(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    class OnlyFinished:
-        def __init__(self) -> None:
-            self.seen: list[tuple[str, str, float]] = []
+    address = r"at 0x[0-9a-f]+"
+    manager = open_background_runtime(
+        BackgroundTaskConfig(max_queue_size=2, max_concurrent_tasks=1)
+    )
+    assert re.fullmatch(rf"<trio_background\.open_background_runtime\(\) {address}>", repr(manager))
+    release = trio.Event()
+    async with manager as runtime:
+        handle = runtime.handle()
+        assert re.fullmatch(rf"<trio_background\.BackgroundHandle {address}>", repr(handle))
 
-        def job_finished(self, job: BackgroundJobMetadata, outcome: str, duration: float) -> None:
-            self.seen.append((job.name, outcome, duration))
+        def state() -> str:
+            found = re.fullmatch(
+                rf"<trio_background\.BackgroundRuntime {address}, (.*)>", repr(runtime)
+            )
+            assert found is not None, repr(runtime)
+            return found.group(1)
 
-    only = OnlyFinished()
-
-    async def job(duration: float) -> None:
-        await trio.sleep(duration)
-
-    async def fail() -> None:
-        raise ValueError("x")
-
-    async with open_background_runtime(instruments=[only]) as runtime:
-        runtime.handle().spawn(job, 0.75, name="slowish")
-        runtime.handle().spawn(fail)
-        await runtime.aclose()
-        with pytest.raises(RuntimeClosedError):
-            runtime.handle().spawn(job, 0.0)
-    assert sorted(only.seen) == [("slowish", "completed", 0.75), (fail.__qualname__, "failed", 0.0)]
-    assert counts(runtime) == {"completed": 1, "failed": 1}
-
-
-async def test_handles_are_typed_public_objects() -> None:
-    async with open_background_runtime() as runtime:
-        assert type(runtime.handle()) is BackgroundHandle
+        assert state() == "open, 0/1 running, 0/2 queued"
+        handle.spawn(release.wait)
+        handle.spawn(release.wait)
+        assert state() == "open, 1/1 running, 1/2 queued"
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(runtime.aclose)
+            await trio.testing.wait_all_tasks_blocked()
+            assert state() == "draining, 1/1 running, 1/2 queued"
+            release.set()
+    assert state() == "closed, 0/1 running, 0/2 queued"
