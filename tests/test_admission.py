@@ -176,7 +176,8 @@ async def test_submit_rejects_classes(method: str) -> None:
 
     message = (
         f"{method}() expects an async function, not the class {Job.__qualname__!r}: "
-        f"pass an async function that creates and uses it"
+        f"pass an async function that creates and uses it (to run blocking work in a "
+        f"thread, write {method}(trio.to_thread.run_sync, fn, *args))"
     )
     await assert_refused(
         lambda handle: submit(handle, method, Job), TypeError, rf"^{re.escape(message)}$"
