@@ -8,11 +8,13 @@ legitimate jobs ran. Calls refused because shutdown began prove the same in thei
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
 import math
 import re
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -26,6 +28,7 @@ from helpers import Recorder, all_counts, counts, exc_of, expected, records, sle
 
 from trio_background import (
     BackgroundHandle,
+    BackgroundJobMetadata,
     BackgroundSpawnError,
     BackgroundStatistics,
     BackgroundTaskConfig,
@@ -663,3 +666,106 @@ async def test_threads_submit_while_draining(caplog: pytest.LogCaptureFixture) -
     assert final.accepted == accepted
     assert records(caplog, logging.WARNING) == []
     assert records(caplog, logging.ERROR) == []
+
+
+async def test_a_coroutine_from_a_foreign_thread_is_closed() -> None:
+    async def job() -> None:
+        pass
+
+    coro = job()
+    async with open_background_runtime() as runtime:
+        handle = runtime.handle()
+
+        def foreign() -> None:
+            with pytest.raises(RuntimeError):
+                handle.spawn(coro)  # type: ignore[arg-type]
+
+        await trio.to_thread.run_sync(foreign)
+    assert inspect.getcoroutinestate(coro) == "CORO_CLOSED"
+
+
+def test_spawn_at_the_recursion_limit_changes_nothing_when_it_raises() -> None:
+    # Call spawn at every depth near the recursion limit, on the accepting path and the
+    # rejecting one: each call either succeeded completely or changed nothing.
+    problems: list[tuple[int, BackgroundStatistics, BackgroundStatistics]] = []
+
+    async def main() -> None:
+        class Quiet:
+            def job_accepted(self, job: BackgroundJobMetadata) -> None:
+                pass
+
+            def job_rejected(self, job: BackgroundJobMetadata) -> None:
+                pass
+
+        config = BackgroundTaskConfig(max_queue_size=1, max_concurrent_tasks=1)
+        async with open_background_runtime(config, instruments=[Quiet()]) as runtime:
+            handle = runtime.handle()
+
+            def at_depth(n: int) -> None:
+                if n:
+                    at_depth(n - 1)
+                    return
+                before = runtime.statistics()
+                try:
+                    handle.spawn(trio.sleep_forever)
+                except QueueFullError:
+                    after = runtime.statistics()
+                    if after.rejected != before.rejected + 1:
+                        problems.append((n, before, after))
+                except RecursionError:
+                    after = runtime.statistics()
+                    if after != before:
+                        problems.append((n, before, after))
+
+            limit = sys.getrecursionlimit()
+            for depth in range(limit - 200, limit):
+                with contextlib.suppress(RecursionError):
+                    at_depth(depth)
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        trio.run(main)
+    assert not problems
+
+
+class _Stop(Exception):
+    pass
+
+
+async def test_a_queued_job_whose_task_cannot_start_fails_and_the_slot_goes_on(
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # At the hand-off, starting "b"'s task raises MemoryError: "b" counts failed (logged),
+    # and the slot passes on to "c", which runs.
+    real = trio.Nursery.start_soon
+    starts = 0
+
+    def start_soon(self: trio.Nursery, *args: Any, **kwargs: Any) -> None:
+        nonlocal starts
+        if kwargs.get("name") == "trio_background job":
+            starts += 1
+            if starts == 2:
+                raise MemoryError("no room for a task")
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(trio.Nursery, "start_soon", start_soon)
+    ran: list[str] = []
+
+    async def job(name: str) -> None:
+        await trio.sleep(1)
+        ran.append(name)
+
+    recorder = Recorder()
+    config = BackgroundTaskConfig(max_concurrent_tasks=1)
+    async with open_background_runtime(config, instruments=[recorder]) as runtime:
+        handle = runtime.handle()
+        for name in "abc":
+            handle.spawn(job, name, name=name)
+    assert ran == ["a", "c"]
+    assert all_counts(runtime.statistics()) == expected(completed=2, failed=1)
+    assert ("finished", "b", "failed", 0.0) in recorder.calls
+    [error] = records(caplog, logging.ERROR)
+    assert error.getMessage() == "background job 'b' failed: its task could not be started"
+    assert isinstance(exc_of(error), MemoryError)

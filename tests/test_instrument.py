@@ -398,3 +398,48 @@ async def test_keyboard_interrupt_from_a_hook_leaves_the_block_with_nothing_left
     check_invariants(s)
     assert (s.queued, s.running) == (0, 0)
     assert s.accepted == s.cancelled + s.dropped + s.completed
+
+
+async def test_keyboard_interrupt_from_job_started_stops_the_job_before_its_code(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The instruments saw the job start: it ends cancelled at once (never dropped after a
+    # start, which would leave a gauge of running jobs at 1), and its code never runs.
+    ran: list[str] = []
+    recorder = Recorder()
+
+    class Interrupts:
+        def job_started(self, job: BackgroundJobMetadata) -> None:
+            raise KeyboardInterrupt
+
+    async def job() -> None:
+        ran.append("job")
+
+    with trio.fail_after(10), pytest.raises(KeyboardInterrupt):
+        async with open_background_runtime(instruments=[recorder, Interrupts()]) as runtime:
+            runtime.handle().spawn(job, name="j")
+            await trio.sleep(5)
+    assert ran == []
+    assert all_counts(runtime.statistics()) == expected(cancelled=1)
+    assert recorder.calls == [
+        ("accepted", "j", None, None),
+        ("started", "j", None, None),
+        ("finished", "j", "cancelled", 0.0),
+    ]
+
+
+async def test_an_instrument_given_twice_is_installed_once(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls: list[str] = []
+
+    class Bad:
+        def job_started(self, job: BackgroundJobMetadata) -> None:
+            calls.append(job.name)
+            raise RuntimeError("broken")
+
+    bad = Bad()
+    async with open_background_runtime(instruments=[bad, bad]) as runtime:
+        runtime.handle().spawn(sleeper, 0)
+    assert len(calls) == 1
+    assert len(records(caplog, logging.ERROR)) == 1

@@ -829,3 +829,49 @@ async def test_consecutive_jobs_in_one_slot_share_no_task_state(
     assert tasks[0] is not tasks[1]
     assert values == ["-", "-", "b done"]
     assert runtime.statistics().completed == 2
+
+
+async def test_keyboard_interrupt_during_cleanup_at_the_cut_off_counts_cancelled(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    interrupt = KeyboardInterrupt("during cleanup")
+
+    async def child() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            raise interrupt
+
+    async def job() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(child)
+            await trio.sleep_forever()
+
+    with trio.fail_after(10), pytest.raises(BaseException) as excinfo:  # noqa: PT011
+        async with open_background_runtime(BackgroundTaskConfig(drain_timeout=1)) as runtime:
+            runtime.handle().spawn(job)
+    assert interrupt in _leaves(excinfo.value)
+    assert all_counts(runtime.statistics()) == expected(cancelled=1)
+
+
+class _RaisingGetattr:
+    """A callable whose ``__getattr__`` raises KeyError (a dict-backed proxy)."""
+
+    def __init__(self) -> None:
+        self._d: dict[str, object] = {}
+
+    def __getattr__(self, name: str) -> object:
+        return self._d[name]
+
+    async def __call__(self) -> None:
+        raise ValueError("job failed")
+
+
+async def test_a_callable_whose_getattr_raises_is_named_after_its_type(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with open_background_runtime() as runtime:
+        runtime.handle().spawn(_RaisingGetattr())
+    assert all_counts(runtime.statistics()) == expected(failed=1)
+    [error] = records(caplog, logging.ERROR)
+    assert error.getMessage() == "background job '_RaisingGetattr' failed"

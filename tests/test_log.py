@@ -109,3 +109,30 @@ async def test_a_log_handler_that_raises_is_reported_on_stderr_and_the_runtime_c
     assert err.startswith("--- trio_background: error while logging ---\n")
     assert err.count("--- trio_background: error while logging ---") == 1
     assert "RuntimeError: handler broke" in err
+
+
+async def test_system_exit_from_a_logging_handler_leaves_the_block(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    exit_ = SystemExit(3)
+
+    class Raises(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            raise exit_
+
+    async def fails() -> None:
+        raise ValueError("boom")
+
+    handler = Raises()
+    logger = logging.getLogger("trio_background")
+    logger.addHandler(handler)
+    try:
+        with trio.fail_after(10), pytest.raises(SystemExit) as excinfo:
+            async with open_background_runtime() as runtime:
+                runtime.handle().spawn(fails)
+                await trio.sleep(10)
+    finally:
+        logger.removeHandler(handler)
+    assert excinfo.value is exit_
+    s = runtime.statistics()
+    assert (s.queued, s.running, s.failed) == (0, 0, 1)

@@ -237,3 +237,7 @@ async def test_reprs_name_the_public_classes_and_the_runtimes_state(
             assert state() == "draining, 1/1 running, 1/2 queued"
             release.set()
     assert state() == "closed, 0/1 running, 0/2 queued"
+
+
+def test_the_manager_reports_the_package_as_its_module() -> None:
+    assert type(open_background_runtime()).__module__ == "trio_background"

@@ -10,6 +10,7 @@ import gc
 import logging
 import math
 import re
+import threading
 import weakref
 
 import pytest
@@ -455,3 +456,40 @@ async def test_wait_idle_returns_at_the_first_idle_instant_under_a_steady_produc
         async with trio.open_nursery() as nursery:
             nursery.start_soon(waiter)
     assert returned == [1.0]
+
+
+async def test_report_message_names_every_cut_off_job(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    names = [f"job_{i}" for i in range(25)]
+    config = BackgroundTaskConfig(max_concurrent_tasks=30, drain_timeout=1)
+    with pytest.raises(BackgroundShutdownError) as excinfo:
+        async with open_background_runtime(config) as runtime:
+            for name in names:
+                runtime.handle().spawn(trio.sleep_forever, name=name)
+    assert all(name in str(excinfo.value) for name in names)
+
+
+def test_wait_idle_from_a_foreign_trio_thread_raises_there() -> None:
+    box: dict[str, object] = {}
+
+    async def main() -> None:
+        async with open_background_runtime() as runtime:
+            runtime.handle().spawn(trio.sleep, 0.5)
+
+            async def foreign() -> None:
+                try:
+                    await runtime.wait_idle()
+                except RuntimeError as exc:
+                    box["error"] = exc
+
+            thread = threading.Thread(target=trio.run, args=(foreign,))
+            thread.start()
+            await trio.to_thread.run_sync(thread.join, 10)
+        box["stats"] = runtime.statistics()
+
+    trio.run(main)
+    assert isinstance(box["error"], RuntimeError)
+    assert "trio.from_thread.run(runtime.wait_idle)" in str(box["error"])
+    assert isinstance(box["stats"], BackgroundStatistics)
+    assert box["stats"].completed == 1
