@@ -10,8 +10,10 @@ import gc
 import logging
 import math
 import re
+import sys
 import threading
 import weakref
+from typing import Any
 
 import pytest
 import trio
@@ -493,3 +495,41 @@ def test_wait_idle_from_a_foreign_trio_thread_raises_there() -> None:
     assert "trio.from_thread.run(runtime.wait_idle)" in str(box["error"])
     assert isinstance(box["stats"], BackgroundStatistics)
     assert box["stats"].completed == 1
+
+
+def test_shutdown_code_cannot_be_interrupted_by_ctrl_c() -> None:
+    # Ctrl-C is delivered to KI-protected code at its next checkpoint, never between two
+    # of its lines: so it cannot land between closing intake and cutting off. Record, on
+    # every line of the shutdown path, whether Trio would raise KeyboardInterrupt there.
+    import types
+
+    from trio_background import _shutdown
+
+    watched = {
+        _shutdown.Shutdown.close_intake.__code__,
+        _shutdown.Shutdown.aclose.__code__,
+        _shutdown.Shutdown.cut_off.__code__,
+    }
+    unprotected: list[tuple[str, int]] = []
+
+    def tracer(frame: types.FrameType, event: str, arg: Any) -> Any:
+        if frame.f_code in watched or frame.f_code.co_name == "_open":
+            if event == "line" and not trio.lowlevel.currently_ki_protected():
+                unprotected.append((frame.f_code.co_name, frame.f_lineno))
+            return tracer
+        return None
+
+    async def main() -> None:
+        config = BackgroundTaskConfig(max_concurrent_tasks=1, max_queue_size=1, drain_timeout=1)
+        with pytest.raises(BackgroundShutdownError):
+            async with open_background_runtime(config) as runtime:
+                runtime.handle().spawn(trio.sleep_forever)
+                runtime.handle().spawn(trio.sleep_forever)
+                sys.settrace(tracer)
+        sys.settrace(None)
+
+    try:
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    finally:
+        sys.settrace(None)
+    assert unprotected == []
