@@ -81,10 +81,6 @@ class Admission:
             name=_TASK_NAME,
         )
 
-    @property
-    def running(self) -> int:
-        return self.limiter.borrowed_tokens
-
     def is_idle(self) -> bool:
         return not self.queued and not self.limiter.borrowed_tokens
 
@@ -112,9 +108,7 @@ class Admission:
             self.queued += 1
         else:
             return False
-        self.last_seq += 1
-        job.seq = self.last_seq
-        self.accepted += 1
+        self.count_accepted(job)
         if "job_accepted" in runtime.instruments.hooks:
             runtime.call_hook(job, "job_accepted")
         return True
@@ -155,11 +149,15 @@ class Admission:
     def admit_waiter(self) -> Job:
         """Accept the longest-waiting send()'s job; its task wakes up and returns."""
         task, job = self.waiters.popitem(last=False)
+        self.count_accepted(job)
+        trio.lowlevel.reschedule(task)
+        return job
+
+    def count_accepted(self, job: Job) -> None:
+        """Give ``job`` its place in acceptance order and count it: the one place that does."""
         self.last_seq += 1
         job.seq = self.last_seq
         self.accepted += 1
-        trio.lowlevel.reschedule(task)
-        return job
 
     def refuse_waiters(self) -> None:
         """Wake every waiting send(); each finds its job unaccepted and raises."""
@@ -221,15 +219,17 @@ class Admission:
                     events.failed_to_start.append((following, exc))
                     continue
                 return events
-        self.limiter.release_on_behalf_of(slot)
-        if not self.queued and not self.limiter.borrowed_tokens:
-            runtime.shutdown.became_idle()
+        self.give_back(slot)
         return events
 
     def release(self, job: Job) -> None:
         """Give back the slot of ``job``, which ends without handing it on."""
         slot = job.slot
         job.slot = None
+        self.give_back(slot)
+
+    def give_back(self, slot: object) -> None:
+        """Release ``slot``'s token: no job takes it. The runtime may be idle now."""
         self.limiter.release_on_behalf_of(slot)
-        if not self.queued and not self.limiter.borrowed_tokens:
+        if self.is_idle():
             self.runtime.shutdown.became_idle()
