@@ -390,17 +390,23 @@ async def test_ctrl_c_drains_and_reports(autojump_clock: trio.testing.MockClock)
     assert lines[-1] == "Self-check passed: the counters add up; report and instrument agree."
 
 
-async def test_python_m_trio_background_with_piped_stdout() -> None:
-    # Real time: about one second of demo plus the interpreter's start-up.
+async def run_short_demo(env: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
+    """Run a one-second demo of 200 jobs (``--seed 3``) with stdout and stderr captured."""
     with trio.fail_after(30):
-        result = await trio.run_process(
+        return await trio.run_process(
             [*COMMAND, "--duration", "1", "--jobs", "200", "--seed", "3"],
             cwd=ROOT,
             capture_stdout=True,
             capture_stderr=True,
             check=False,
-            env={name: value for name, value in os.environ.items() if name != "COLUMNS"},
+            env=env,
         )
+
+
+async def test_python_m_trio_background_with_piped_stdout() -> None:
+    # Real time: about one second of demo plus the interpreter's start-up.
+    env = {name: value for name, value in os.environ.items() if name != "COLUMNS"}
+    result = await run_short_demo(env)
     stdout = result.stdout.decode()
     assert result.returncode == 0, stdout + result.stderr.decode()
     assert result.stderr == b""
@@ -416,15 +422,7 @@ async def test_python_m_trio_background_with_piped_stdout() -> None:
 
 @pytest.mark.parametrize("columns", [80, 60])
 async def test_python_m_trio_background_honours_columns(columns: int) -> None:
-    with trio.fail_after(30):
-        result = await trio.run_process(
-            [*COMMAND, "--duration", "1", "--jobs", "200", "--seed", "3"],
-            cwd=ROOT,
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-            env={**ENVIRONMENT, "COLUMNS": str(columns)},
-        )
+    result = await run_short_demo({**ENVIRONMENT, "COLUMNS": str(columns)})
     stdout = result.stdout.decode()
     assert result.returncode == 0, stdout + result.stderr.decode()
     assert max(map(len, stdout.splitlines())) <= columns
