@@ -471,7 +471,7 @@ async def test_tcp_audit_records_every_acknowledged_connection(tmp_path: Path) -
     recorded = [record["client_id"] for record in records]
     assert sorted(recorded) == client_ids  # each exactly once
     assert all(record["peer"].startswith("127.0.0.1:") for record in records)
-    assert "drained: BackgroundStatistics(queued=0, running=0, completed=300," in log
+    assert "drained: BackgroundStatistics(scheduled=0, queued=0, running=0, completed=300," in log
     print(
         f"\ntcp_audit: 300 connections; at SIGTERM {stats['queued']} queued, "
         f"{stats['running']} running; exit 0 after {shutdown_time:.2f}s; {len(recorded)} recorded"

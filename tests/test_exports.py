@@ -33,6 +33,10 @@ CONTRACT_NAMES = {
     "RuntimeClosedError",
     "BackgroundShutdownError",
     "BackgroundInstrument",
+    "BackgroundJob",
+    "current_job",
+    "JobCancelledError",
+    "JobTimeoutError",
 }
 
 

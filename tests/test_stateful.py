@@ -158,6 +158,7 @@ class Model:
     def statistics(self) -> BackgroundStatistics:
         count = Counter(j.state for j in self.jobs.values())
         return BackgroundStatistics(
+            scheduled=0,
             queued=len(self.queue),
             running=len(self.running),
             completed=count["completed"],
@@ -170,6 +171,7 @@ class Model:
             max_concurrent_tasks=self.cap,
             closed=self.closed,
             accepted=len(self.jobs),
+            retried=0,
         )
 
     def idle(self) -> bool:

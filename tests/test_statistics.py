@@ -20,6 +20,7 @@ def test_accepted_is_a_counter_of_its_own() -> None:
     assert "accepted" in attrs.fields_dict(BackgroundStatistics)
     # So a snapshot whose counters disagree can exist, and an identity check can fail.
     stats = BackgroundStatistics(
+        scheduled=0,
         queued=0,
         running=0,
         completed=1,
@@ -32,6 +33,7 @@ def test_accepted_is_a_counter_of_its_own() -> None:
         max_concurrent_tasks=1,
         closed=False,
         accepted=2,
+        retried=0,
     )
     assert stats.accepted != stats.completed
     assert attrs.has(type(stats))

@@ -5,9 +5,13 @@ from ._config import BackgroundTaskConfig as BackgroundTaskConfig
 from ._exceptions import BackgroundJobError as BackgroundJobError
 from ._exceptions import BackgroundShutdownError as BackgroundShutdownError
 from ._exceptions import BackgroundSpawnError as BackgroundSpawnError
+from ._exceptions import JobCancelledError as JobCancelledError
+from ._exceptions import JobTimeoutError as JobTimeoutError
 from ._exceptions import QueueFullError as QueueFullError
 from ._exceptions import RuntimeClosedError as RuntimeClosedError
 from ._instrument import BackgroundInstrument as BackgroundInstrument
+from ._job import BackgroundJob as BackgroundJob
+from ._job import current_job as current_job
 from ._runtime import BackgroundHandle as BackgroundHandle
 from ._runtime import BackgroundRuntime as BackgroundRuntime
 from ._runtime import open_background_runtime as open_background_runtime
@@ -17,6 +21,7 @@ from ._version import __version__ as __version__
 __all__ = [
     "BackgroundHandle",
     "BackgroundInstrument",
+    "BackgroundJob",
     "BackgroundJobError",
     "BackgroundJobMetadata",
     "BackgroundRuntime",
@@ -24,9 +29,12 @@ __all__ = [
     "BackgroundSpawnError",
     "BackgroundStatistics",
     "BackgroundTaskConfig",
+    "JobCancelledError",
+    "JobTimeoutError",
     "QueueFullError",
     "RuntimeClosedError",
     "__version__",
+    "current_job",
     "open_background_runtime",
 ]
 

@@ -12,7 +12,8 @@ def _type_name(value: object) -> str:
     return type(value).__name__
 
 
-def _check_int(field: str, value: object, minimum: int) -> None:
+def check_int(field: str, value: object, minimum: int) -> None:
+    """Validate an int field (`bool` is rejected), raising errors that name ``field``."""
     if type(value) is bool or not isinstance(value, int):
         raise TypeError(f"{field} must be an int, not {_type_name(value)}")
     if value < minimum:
@@ -52,11 +53,11 @@ def check_timeout(field: str, value: object, *, allow_none: bool, allow_zero: bo
 
 
 def _queue_size(_: Any, attribute: attrs.Attribute[int], value: int) -> None:
-    _check_int(attribute.name, value, 0)
+    check_int(attribute.name, value, 0)
 
 
 def _slots(_: Any, attribute: attrs.Attribute[int], value: int) -> None:
-    _check_int(attribute.name, value, 1)
+    check_int(attribute.name, value, 1)
 
 
 def _drain_timeout(_: Any, attribute: attrs.Attribute[float], value: float) -> None:

@@ -79,3 +79,34 @@ class BackgroundShutdownError(Exception):
         self.dropped: tuple[BackgroundJobMetadata, ...] = dropped
         #: The final statistics snapshot.
         self.statistics: BackgroundStatistics = statistics
+
+
+class JobCancelledError(Exception):
+    """Raised by `BackgroundJob.wait` for a job that was cancelled or dropped.
+
+    A job ends this way when `BackgroundJob.cancel` was called, or when shutdown
+    cut it off (cancelled while running, or dropped before it started).
+
+    Args:
+        message: A one-line summary.
+        job: The job's metadata.
+    """
+
+    def __init__(self, message: str, *, job: BackgroundJobMetadata) -> None:
+        super().__init__(message)
+        #: The job's metadata.
+        self.job: BackgroundJobMetadata = job
+
+
+class JobTimeoutError(Exception):
+    """Raised by `BackgroundJob.wait` for a job that ran past its timeout.
+
+    Args:
+        message: A one-line summary.
+        job: The job's metadata.
+    """
+
+    def __init__(self, message: str, *, job: BackgroundJobMetadata) -> None:
+        super().__init__(message)
+        #: The job's metadata.
+        self.job: BackgroundJobMetadata = job

@@ -13,7 +13,15 @@ from ._log import emit
 #: How a job that started ended.
 Outcome = Literal["completed", "failed", "timed_out", "cancelled"]
 
-HOOKS = ("job_accepted", "job_rejected", "job_started", "job_finished", "job_dropped")
+HOOKS = (
+    "job_accepted",
+    "job_rejected",
+    "job_started",
+    "job_failed",
+    "job_retrying",
+    "job_finished",
+    "job_dropped",
+)
 
 
 class BackgroundInstrument:
@@ -48,6 +56,31 @@ class BackgroundInstrument:
             job: The job's metadata.
         """
 
+    def job_failed(self, job: BackgroundJobMetadata, exception: BaseException) -> None:
+        """Called when a job failed, right before `job_finished` with ``"failed"``.
+
+        For error trackers: ``exception`` is the job's own exception, the one the
+        runtime logs and `BackgroundJob.wait` raises.
+
+        Args:
+            job: The job's metadata.
+            exception: What the job raised.
+        """
+
+    def job_retrying(
+        self, job: BackgroundJobMetadata, exception: BaseException, delay: float
+    ) -> None:
+        """Called when a run failed and the job will run again after ``delay`` seconds.
+
+        Such a run ends with this hook instead of `job_finished`; `job_started`
+        is called again when the next run starts.
+
+        Args:
+            job: The job's metadata.
+            exception: What the run raised (`trio.TooSlowError` for a timeout).
+            delay: Seconds until the job is due again.
+        """
+
     def job_finished(self, job: BackgroundJobMetadata, outcome: Outcome, duration: float) -> None:
         """Called when a job that started has ended.
 
@@ -59,7 +92,7 @@ class BackgroundInstrument:
         """
 
     def job_dropped(self, job: BackgroundJobMetadata) -> None:
-        """Called when a queued job is discarded at shutdown without starting.
+        """Called when a job is discarded without running: at shutdown, or cancelled.
 
         Args:
             job: The job's metadata.

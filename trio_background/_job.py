@@ -2,36 +2,48 @@
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import math
 import sys
 import types
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar, final
 
 import trio
 from trio.lowlevel import disable_ki_protection
 
 from ._config import BackgroundJobMetadata, check_timeout
+from ._exceptions import JobCancelledError, JobTimeoutError
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
 if TYPE_CHECKING:
-    import contextvars
     from collections.abc import Callable
 
-#: Where a job is in its life. A job holds a slot exactly while it is RUNNING (its code
-#: may not have been called yet: see the runtime's design note).
+    from ._runtime import Runtime
+
+T = TypeVar("T")
+
+#: Where a job is in its life (internal states; `BackgroundJob.status` shows the public
+#: name). A job holds a slot exactly while it is STARTING, RUNNING or CANCELLING.
 QUEUED = "queued"
+#: Holds a slot; its task has not run the job's code yet (see the runtime's design note).
+STARTING = "starting"
 RUNNING = "running"
+#: Holds a slot and ``cancel()`` was called: it ends ``cancelled`` once it has unwound.
+CANCELLING = "cancelling"
 #: Final statuses, each counted under the `BackgroundStatistics` field of the same name.
 COMPLETED = "completed"
 FAILED = "failed"
 TIMED_OUT = "timed_out"
 CANCELLED = "cancelled"
 DROPPED = "dropped"
+
+_PUBLIC_STATUS = {STARTING: RUNNING, CANCELLING: RUNNING}
+_FINAL = frozenset({COMPLETED, FAILED, TIMED_OUT, CANCELLED, DROPPED})
 
 _BUILTIN_TYPES = (
     types.BuiltinFunctionType,
@@ -41,6 +53,21 @@ _BUILTIN_TYPES = (
     types.MethodDescriptorType,
     types.ClassMethodDescriptorType,
 )
+
+#: The job whose task (or a task it started) is running, for `current_job`. The context a
+#: job captures from its submitter never holds another job here (see `capture_context`):
+#: a job submitted from inside another must not keep that one (and its result) alive.
+_CURRENT: contextvars.ContextVar[BackgroundJob[Any] | None] = contextvars.ContextVar(
+    "trio_background.current_job"
+)
+
+
+def capture_context() -> contextvars.Context:
+    """A copy of the caller's context for a job it submits, without the caller's own job."""
+    context = contextvars.copy_context()
+    if _CURRENT.get(None) is not None:
+        context.run(_CURRENT.set, None)
+    return context
 
 
 def _unwrap(fn: object) -> object:
@@ -60,65 +87,190 @@ def _name_of(fn: object) -> str:
     return type(fn).__qualname__
 
 
-class Job:
-    """One submitted job: what to call, in which context, and where it is in its life.
+@final
+class BackgroundJob(Generic[T]):
+    """A job you submitted: its status, its result, and a way to cancel it.
 
-    The runtime forgets a job once it has ended: nothing but its metadata is kept, and
-    `release` drops the function, arguments and context of a job that ends without
-    running.
+    `BackgroundHandle.spawn` and `BackgroundHandle.send` return one; the runtime makes
+    them, you never do. Ignoring it is fine. Inside a job, `current_job` returns the
+    job's own. The runtime forgets a job once it has ended: its function, arguments and
+    context are released then, and its result (or exception) lives only as long as you
+    hold the job.
     """
 
     __slots__ = (
+        "_args",
+        "_context",
+        "_fn",
         "_metadata",
-        "args",
-        "context",
-        "fn",
-        "name",
-        "request_id",
-        "seq",
-        "slot",
-        "started_at",
-        "status",
-        "timeout",
+        "_name",
+        "_next",
+        "_prev",
+        "_request_id",
+        "_runtime",
+        "_seq",
+        "_slot",
+        "_started_at",
+        "_state",
+        "_timeout",
+        "_value",
     )
 
     def __init__(
         self,
+        runtime: Runtime,
         fn: Callable[..., object],
         args: tuple[object, ...],
         name: str | None,
         request_id: str | None,
         timeout: float | None,
     ) -> None:
-        self.fn: Callable[..., object] | None = fn
-        self.args: tuple[object, ...] = args
-        self.name = name
-        self.request_id = request_id
-        self.timeout = timeout
+        self._runtime = runtime
+        self._fn: Callable[..., object] | None = fn
+        self._args: tuple[object, ...] = args
+        self._name = name
+        self._request_id = request_id
+        self._timeout = timeout
         #: A copy of the submitter's context, taken when the job was submitted. The job's
         #: task runs in a copy of it; everything done for the job before that (hooks,
         #: log records) runs in a copy of it too.
-        self.context: contextvars.Context | None = None
+        self._context: contextvars.Context | None = None
         #: Acceptance order, from 1; 0 while not accepted.
-        self.seq = 0
-        self.status = QUEUED
-        #: The slot object the job holds while RUNNING (see `Admission`).
-        self.slot: object = None
-        self.started_at = 0.0
+        self._seq = 0
+        self._state = QUEUED
+        #: The slot (a `Lane`) the job holds while it has one.
+        self._slot: Any = None
+        self._started_at = 0.0
         self._metadata: BackgroundJobMetadata | None = None
+        #: Neighbours in the queue while queued.
+        self._prev: BackgroundJob[Any] | None = None
+        self._next: BackgroundJob[Any] | None = None
+        #: Once final: the return value (completed) or the exception (failed). Before
+        #: that: None, or the `trio.Event` that tasks in `wait` wait for.
+        self._value: Any = None
 
+    # -- the public face ----------------------------------------------------------------
+
+    @property
     def metadata(self) -> BackgroundJobMetadata:
+        """The job's name and request id, as logs, instruments and reports show them."""
+        return self._meta()
+
+    @property
+    def status(self) -> str:
+        """Where the job is: ``"queued"`` or ``"running"``, or how it ended.
+
+        One of ``"scheduled"``, ``"queued"``, ``"running"``, ``"completed"``,
+        ``"failed"``, ``"timed_out"``, ``"cancelled"``, ``"dropped"``. The job is
+        counted in `BackgroundRuntime.statistics` under exactly this name.
+        """
+        return _PUBLIC_STATUS.get(self._state, self._state)
+
+    @property
+    def attempt(self) -> int:
+        """The number of the job's current (or last) run: 1 + the retries so far."""
+        return 1
+
+    def cancel(self) -> None:
+        """Cancel the job. Synchronous, never blocks, and idempotent.
+
+        A queued job leaves the queue at once, never runs, and counts ``dropped``;
+        its place in the queue is free at once. A running job is cancelled and
+        counts ``cancelled`` once it has unwound (or ``completed``, if it returned
+        without seeing the cancellation). A finished job is unaffected.
+
+        Raises:
+            RuntimeError: Called from a thread other than the runtime's.
+        """
+        self._runtime.cancel_job(self)
+
+    async def wait(self) -> T:
+        """Wait until the job has ended, then return its result or raise.
+
+        This is a checkpoint, even if the job has ended already. Any number of
+        tasks may wait for the same job; waiting changes nothing about how the job
+        is counted or logged.
+
+        Returns:
+            What the job's function returned.
+
+        Raises:
+            Exception: The job's own exception, if it failed (the same object the
+                runtime logged).
+            JobTimeoutError: The job ran past its timeout.
+            JobCancelledError: The job was cancelled, or dropped without running.
+        """
+        if self._state in _FINAL:
+            await trio.lowlevel.checkpoint()
+        else:
+            done = self._value
+            if done is None:
+                done = self._value = trio.Event()
+            await done.wait()
+        state = self._state
+        if state == COMPLETED:
+            return self._value  # type: ignore[no-any-return]
+        if state == FAILED:
+            raise_unchanged(self._value)
+        meta = self._meta()
+        if state == TIMED_OUT:
+            raise JobTimeoutError(f"background job {meta.name!r} timed out", job=meta)
+        what = "was cancelled" if state == CANCELLED else "was dropped without running"
+        raise JobCancelledError(f"background job {meta.name!r} {what}", job=meta)
+
+    def __repr__(self) -> str:
+        return (
+            f"<trio_background.BackgroundJob {self._meta().name!r} {self.status} at {id(self):#x}>"
+        )
+
+    # -- for the runtime ----------------------------------------------------------------
+
+    def _meta(self) -> BackgroundJobMetadata:
         if self._metadata is None:
-            name = self.name if self.name is not None else _name_of(self.fn)
-            self._metadata = BackgroundJobMetadata(name, self.request_id)
+            name = self._name if self._name is not None else _name_of(self._fn)
+            self._metadata = BackgroundJobMetadata(name, self._request_id)
         return self._metadata
 
-    def release(self) -> None:
+    def _end(self, state: str, value: object = None) -> None:
+        """Record the final status (and result or exception) and wake waiting tasks."""
+        done = self._value
+        self._state = state
+        self._value = value
+        if done is not None:
+            done.set()
+
+    def _release(self) -> None:
         """Forget what the job would have run (its name is kept for reports)."""
-        self.metadata()
-        self.fn = None
-        self.args = ()
-        self.context = None
+        self._meta()
+        self._fn = None
+        self._args = ()
+        self._context = None
+
+
+def current_job() -> BackgroundJob[Any]:
+    """Return the job that the calling task belongs to.
+
+    Inside a job, and in every task the job starts, this is the job's own
+    `BackgroundJob`: the same object `BackgroundHandle.spawn` returned.
+
+    Raises:
+        RuntimeError: Not called from inside a background job.
+    """
+    job = _CURRENT.get(None)
+    if job is None:
+        raise RuntimeError(
+            "current_job() must be called from inside a background job or a task it started"
+        )
+    return job
+
+
+def raise_unchanged(exc: BaseException) -> NoReturn:
+    """Raise ``exc`` itself, keeping the ``__context__`` it had (raising would replace it)."""
+    context = exc.__context__
+    try:
+        raise exc
+    finally:
+        exc.__context__ = context
 
 
 def _check_callable(method: str, fn: object) -> None:
@@ -148,6 +300,7 @@ def _check_callable(method: str, fn: object) -> None:
 
 
 def make_job(
+    runtime: Runtime,
     method: str,
     fn: object,
     args: tuple[object, ...],
@@ -155,7 +308,7 @@ def make_job(
     request_id: object,
     timeout: object,
     default_timeout: float | None,
-) -> Job:
+) -> BackgroundJob[Any]:
     """Check what a caller passed to ``spawn``/``send`` and build the job record.
 
     Raises:
@@ -163,35 +316,54 @@ def make_job(
             a builtin; a class; not callable), or an option has the wrong type.
         ValueError: ``timeout`` is out of range.
     """
-    if type(fn) is not types.FunctionType:  # plain functions need no further look
-        _check_callable(method, fn)
-    assert callable(fn)
     if name is not None and not isinstance(name, str):
         raise TypeError(f"name must be a str or None, not {type(name).__name__}")
     if request_id is not None and not isinstance(request_id, str):
         raise TypeError(f"request_id must be a str or None, not {type(request_id).__name__}")
+    if type(fn) is types.FunctionType:  # plain functions need no further look
+        if name is None:
+            name = fn.__qualname__  # (the job forgets its function when it ends)
+    else:
+        _check_callable(method, fn)
+    assert callable(fn)
     assert name is None or isinstance(name, str)
     assert request_id is None or isinstance(request_id, str)
     if timeout is None:
-        return Job(fn, args, name, request_id, default_timeout)
+        return BackgroundJob(runtime, fn, args, name, request_id, default_timeout)
     check_timeout("timeout", timeout, allow_none=True, allow_zero=False)
     assert isinstance(timeout, (int, float))
     # math.inf means no limit: the same as None, without a cancel scope.
-    return Job(fn, args, name, request_id, None if timeout == math.inf else float(timeout))
+    timeout = None if timeout == math.inf else float(timeout)
+    return BackgroundJob(runtime, fn, args, name, request_id, timeout)
 
 
 @disable_ki_protection
-async def call_job(job: Job) -> None:
+async def call_job(
+    fn: Callable[..., Any] | None, args: tuple[object, ...], job: BackgroundJob[Any]
+) -> Any:
     """Run the job's own code: the only code of the runtime's that Ctrl-C may interrupt."""
-    assert job.fn is not None
-    coro = job.fn(*job.args)
+    assert fn is not None
+    coro = fn(*args)
     if type(coro) is not types.CoroutineType and not isinstance(coro, Coroutine):
         raise TypeError(
-            f"background job {job.metadata().name!r} did not return a coroutine "
+            f"background job {job._meta().name!r} did not return a coroutine "
             f"(got {type(coro).__name__}): jobs must be async functions; to run a "
             f"blocking function, submit trio.to_thread.run_sync and the function"
         )
-    await coro
+    return await coro
+
+
+def without_runtime_frames(tb: types.TracebackType | None) -> types.TracebackType | None:
+    """``tb`` without its leading frames of this package's own code (the job's task).
+
+    A failed job's exception is kept on its handle; its traceback must not start in the
+    runtime's frames, which hold the job (a reference cycle) and mean nothing to users.
+    """
+    while tb is not None and tb.tb_frame.f_globals.get("__name__", "").startswith(
+        "trio_background."
+    ):
+        tb = tb.tb_next
+    return tb
 
 
 def split_cancelled(error: BaseException) -> tuple[bool, BaseException | None]:
@@ -218,21 +390,23 @@ def is_fatal(error: BaseException) -> bool:
 
 
 def outcome_of(
-    error: BaseException | None, timed_out: bool, cut_off: bool
+    error: BaseException | None, timed_out: bool, cut_off: bool, cancel_called: bool = False
 ) -> tuple[str, BaseException | None, BaseException | None]:
     """How a run that ended with ``error`` counts: ``(outcome, fatal, cleanup_error)``.
 
     A run the runtime cancelled (``cut_off``: its cut-off came while the job ran;
     ``timed_out``: its own deadline passed) counts ``cancelled`` or ``timed_out``
     whatever its error, and ``cleanup_error`` is what it raised besides the
-    `trio.Cancelled` (to be logged). ``fatal`` is what must leave the runtime (a
-    KeyboardInterrupt or SystemExit, bare or in a group, any `trio.Cancelled` taken
+    `trio.Cancelled` (to be logged). A run cancelled through its handle
+    (``cancel_called``) counts ``cancelled`` likewise, unless it returned normally: it
+    finished first, and counts ``completed``. ``fatal`` is what must leave the runtime
+    (a KeyboardInterrupt or SystemExit, bare or in a group, any `trio.Cancelled` taken
     out); a run the runtime did not cancel then counts ``failed``. Any other error, a
     stray `trio.Cancelled` included, is the job's failure.
     """
     rest = None if error is None else split_cancelled(error)[1]
     fatal = rest if rest is not None and is_fatal(rest) else None
-    if cut_off:
+    if cut_off or (cancel_called and error is not None):
         return CANCELLED, fatal, None if fatal is not None else rest
     if timed_out:
         return TIMED_OUT, fatal, None if fatal is not None else rest

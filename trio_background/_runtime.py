@@ -60,24 +60,31 @@ import sys
 import threading
 from collections.abc import Coroutine
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, NoReturn, final
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, final
 
 import trio
 from trio.lowlevel import enable_ki_protection
 
 from ._admission import Admission, HandOff
-from ._config import BackgroundTaskConfig
+from ._config import BackgroundTaskConfig, check_int
 from ._instrument import Instruments, Outcome
 from ._job import (
+    _CURRENT,
     CANCELLED,
+    CANCELLING,
     COMPLETED,
     FAILED,
+    QUEUED,
     RUNNING,
+    STARTING,
     TIMED_OUT,
-    Job,
+    BackgroundJob,
+    _name_of,
     call_job,
     make_job,
     outcome_of,
+    raise_unchanged,
+    without_runtime_frames,
 )
 from ._log import emit_job
 from ._shutdown import Phase, Shutdown
@@ -96,6 +103,9 @@ if TYPE_CHECKING:
     from ._config import BackgroundJobMetadata
 
     PosArgsT = TypeVarTuple("PosArgsT")
+    Job = BackgroundJob[Any]
+
+T = TypeVar("T")
 
 
 class Runtime:
@@ -155,50 +165,68 @@ class Runtime:
             if isinstance(fn, Coroutine):
                 fn.close()  # it will never run: no "never awaited" warning for it
             self.check_thread(method, f"run_sync(handle.{method}, ...)")
-        return make_job(method, fn, args, name, request_id, timeout, self.config.job_timeout)
+        return make_job(self, method, fn, args, name, request_id, timeout, self.config.job_timeout)
 
     # -- running one job ------------------------------------------------------------------
 
     @enable_ki_protection
     async def run(self, job: Job) -> None:
         """The body of a job's task: run it (unless cut off first), then account for it."""
-        if job.status != RUNNING:
-            return
+        state = job._state
+        if state is not STARTING and state is not CANCELLING:
+            return  # its start was undone (see Admission.try_accept)
         shutdown = self.shutdown
         if shutdown.phase is Phase.CUT_OFF:
             shutdown.drop_unstarted(job)
             return
+        _CURRENT.set(job)
         hooks = self.instruments.hooks
         if hooks:
-            job.started_at = trio.current_time()
+            job._started_at = trio.current_time()
             if "job_started" in hooks:
-                self.instruments.call("job_started", job.metadata())
+                self.instruments.call("job_started", job._meta())
                 if self.cut_off_begun():
                     # A hook interrupted the runtime: the job's code never runs. The
                     # instruments saw it start, so it ends as a cancelled job, at once.
-                    self.finish(job, None, False)
+                    self.finish(job, None, False, ran=False)
                     return
+        if job._state is CANCELLING:  # cancelled through its handle before its code ran
+            self.finish(job, None, False, ran=False)
+            return
+        job._state = RUNNING
         error: BaseException | None = None
         timed_out = False
+        value = None
         try:
-            if job.timeout is None:
-                await call_job(job)
+            if job._timeout is None:
+                value = await call_job(job._fn, job._args, job)
             else:
-                with trio.move_on_after(job.timeout) as scope:
+                with trio.move_on_after(job._timeout) as scope:
                     try:
-                        await call_job(job)
+                        value = await call_job(job._fn, job._args, job)
                     finally:
                         # Past its deadline, even if it shielded itself or swallowed Cancelled.
                         timed_out = scope.cancel_called
         except BaseException as exc:
             error = exc
         if error is None and not timed_out and not self.cut_off_begun():
+            # Returned normally (even if cancel() came too late to stop it).
             self.completed += 1
-            job.status = COMPLETED
+            if job._name is None:
+                job._name = _name_of(job._fn)
+            job._fn = None
+            job._args = ()
+            job._context = None
+            done = job._value  # what job._end() does, inline on this path
+            job._state = COMPLETED
+            job._value = value
+            if done is not None:
+                done.set()
             events = self.admission.hand_off(job)
             if events is not None or self.instruments.hooks:
                 self.report_finished(job, "completed", events)
             return
+        del value
         try:
             self.finish(job, error, timed_out)
         finally:
@@ -208,54 +236,102 @@ class Runtime:
         return self.shutdown.phase is Phase.CUT_OFF
 
     @enable_ki_protection
-    def finish(self, job: Job, error: BaseException | None, timed_out: bool) -> None:
-        """Count how ``job`` ended, hand its slot on, then log and report it."""
+    def finish(
+        self, job: Job, error: BaseException | None, timed_out: bool, *, ran: bool = True
+    ) -> None:
+        """Count how ``job`` ended, hand its slot on, then log and report it.
+
+        ``ran=False``: the job's code never ran (cut off or cancelled after its start
+        was reported): it counts cancelled.
+        """
         shutdown = self.shutdown
-        outcome, fatal, cleanup = outcome_of(error, timed_out, self.cut_off_begun())
+        cut_off = self.cut_off_begun()
+        by_handle = job._state is CANCELLING
+        if ran:
+            outcome, fatal, cleanup = outcome_of(error, timed_out, cut_off, by_handle)
+        else:
+            outcome, fatal, cleanup = CANCELLED, None, None
         if fatal is not None:  # cut off first: no queued job may take this slot
             self.note_fatal(fatal)
             dropped = shutdown.cut_off_state()
         else:
             dropped = []
+        failure: BaseException | None = None
         if outcome == FAILED:
             self.failed += 1
+            assert error is not None
+            failure = fatal if fatal is not None else error
+            failure.__traceback__ = without_runtime_frames(failure.__traceback__)
         elif outcome == CANCELLED:
             self.cancelled += 1
-            shutdown.cancelled.append((job.seq, job.metadata()))
+            if cut_off and not by_handle:
+                shutdown.cancelled.append((job._seq, job._meta()))
         elif outcome == TIMED_OUT:
             self.timed_out += 1
         else:
             self.completed += 1
-        job.status = outcome
+        job._end(outcome, failure)
         events = self.admission.hand_off(job)
         # -- the state is complete; now the user code: log handlers, hooks ----------
-        meta = job.metadata()
+        meta = job._meta()
+        job._release()
         if outcome == FAILED and fatal is None:
-            assert error is not None
-            self.log_error(meta, "failed", error)
+            assert failure is not None
+            self.log_error(meta, "failed", failure)
         elif outcome == TIMED_OUT:
-            self.log_warning(meta, f"timed out after {job.timeout:g} seconds")
-        elif outcome == CANCELLED:
+            self.log_warning(meta, f"timed out after {job._timeout:g} seconds")
+        elif outcome == CANCELLED and not by_handle:
             self.log_warning(meta, "cancelled at shutdown")
         if cleanup is not None:
             self.log_error(meta, "raised an error while being cancelled", cleanup)
-        self.report_finished(job, outcome, events)  # type: ignore[arg-type]
+        self.report_finished(job, outcome, events, failure)  # type: ignore[arg-type]
         for other in dropped:
             self.report_dropped(other)
+
+    @enable_ki_protection
+    def start_failed(self, job: Job, exc: BaseException) -> None:
+        """Count ``job``, which holds a slot but whose task could not be started, failed."""
+        self.failed += 1
+        job._end(FAILED, exc)
+        events = self.admission.hand_off(job)
+        self.report_start_failure(job, exc)
+        self.report_events(events)
+
+    # -- what handles and the runtime ask for -------------------------------------------
+
+    @enable_ki_protection
+    def cancel_job(self, job: Job) -> None:
+        self.check_thread("cancel", "run_sync(job.cancel)")
+        state = job._state
+        if state is QUEUED:
+            events = self.admission.withdraw(job)
+            if "job_dropped" in self.instruments.hooks:
+                self.call_hook(job, "job_dropped")
+            job._release()
+            self.report_events(events)
+        elif state is STARTING:
+            job._state = CANCELLING  # its task finds this first and does not run it
+        elif state is RUNNING and not self.cut_off_begun():  # (the cut-off cancels it)
+            job._state = CANCELLING
+            job._slot.kill()
+
+    @enable_ki_protection
+    def resize(self, max_concurrent_tasks: int | None, max_queue_size: int | None) -> None:
+        self.report_events(self.admission.resize(max_concurrent_tasks, max_queue_size))
 
     # -- reporting: log records and hooks, after the bookkeeping ----------------------------
 
     def call_hook(self, job: Job, hook: str) -> None:
         """Call ``hook(job metadata)`` for a job that is not running; never raises."""
         try:
-            self.in_context(job, self.instruments.call, hook, job.metadata())
+            self.in_context(job, self.instruments.call, hook, job._meta())
         except BaseException as exc:  # the call itself failed (say, RecursionError)
             with contextlib.suppress(BaseException):  # nothing is left to report with
-                self.log_error(job.metadata(), f"could not be reported to {hook}", exc)
+                self.log_error(job._meta(), f"could not be reported to {hook}", exc)
 
     def in_context(self, job: Job, fn: Callable[..., object], *args: object) -> None:
         """Call ``fn`` for a job that is not running, in a copy of the job's context."""
-        context = job.context
+        context = job._context
         if context is None:
             fn(*args)
         else:
@@ -267,7 +343,13 @@ class Runtime:
     def log_warning(self, meta: BackgroundJobMetadata, what: str) -> None:
         emit_job(self.interrupted, logging.WARNING, meta, what)
 
-    def report_finished(self, job: Job, outcome: Outcome, events: HandOff | None) -> None:
+    def report_finished(
+        self,
+        job: Job,
+        outcome: Outcome,
+        events: HandOff | None,
+        failure: BaseException | None = None,
+    ) -> None:
         """Call the hooks for a job that ended and for what its hand-off did."""
         instruments = self.instruments
         hooks = instruments.hooks
@@ -275,31 +357,45 @@ class Runtime:
             # The counters already include the jobs of waiting send()s accepted just now.
             for other in events.admitted:
                 self.call_hook(other, "job_accepted")
+        if failure is not None and "job_failed" in hooks:
+            instruments.call("job_failed", job._meta(), failure)
         if "job_finished" in hooks:
-            duration = trio.current_time() - job.started_at
-            instruments.call("job_finished", job.metadata(), outcome, duration)
+            duration = trio.current_time() - job._started_at
+            instruments.call("job_finished", job._meta(), outcome, duration)
         if events is not None:
             for other, exc in events.failed_to_start:
                 self.report_start_failure(other, exc)
 
+    def report_events(self, events: HandOff | None) -> None:
+        """Report what a hand-off outside a job's ending did (see `report_finished`)."""
+        if events is None:
+            return
+        if "job_accepted" in self.instruments.hooks:
+            for other in events.admitted:
+                self.call_hook(other, "job_accepted")
+        for other, exc in events.failed_to_start:
+            self.report_start_failure(other, exc)
+
     def report_start_failure(self, job: Job, exc: BaseException) -> None:
-        meta = job.metadata()
+        meta = job._meta()
         self.in_context(job, self.log_error, meta, "failed: its task could not be started", exc)
         instruments = self.instruments
         if "job_started" in instruments.hooks:
             self.in_context(job, instruments.call, "job_started", meta)
+        if "job_failed" in instruments.hooks:
+            self.in_context(job, instruments.call, "job_failed", meta, exc)
         if "job_finished" in instruments.hooks:
             self.in_context(job, instruments.call, "job_finished", meta, "failed", 0.0)
-        job.release()
+        job._release()
         if not isinstance(exc, Exception):
             self.interrupted(exc)
 
     def report_dropped(self, job: Job) -> None:
-        meta = job.metadata()
+        meta = job._meta()
         self.in_context(job, self.log_warning, meta, "dropped at shutdown without starting")
         if "job_dropped" in self.instruments.hooks:
             self.call_hook(job, "job_dropped")
-        job.release()
+        job._release()
 
     # -- what must leave the block ------------------------------------------------------------
 
@@ -344,6 +440,7 @@ class Runtime:
     def statistics(self) -> BackgroundStatistics:
         admission = self.admission
         return BackgroundStatistics(
+            scheduled=0,
             queued=admission.queued,
             running=admission.limiter.borrowed_tokens,
             completed=self.completed,
@@ -356,6 +453,7 @@ class Runtime:
             max_concurrent_tasks=admission.max_concurrent_tasks,
             closed=self.shutdown.phase is not Phase.OPEN,
             accepted=admission.accepted,
+            retried=0,
         )
 
     async def host_jobs(self, *, task_status: trio.TaskStatus[None]) -> None:
@@ -384,18 +482,19 @@ class BackgroundHandle:
 
     def spawn(
         self,
-        async_fn: Callable[[Unpack[PosArgsT]], Awaitable[object]],
+        async_fn: Callable[[Unpack[PosArgsT]], Awaitable[T]],
         *args: Unpack[PosArgsT],
         name: str | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
-    ) -> None:
+    ) -> BackgroundJob[T]:
         """Submit ``async_fn(*args)`` as a job, without waiting.
 
         If a slot is free and nothing is queued, the job takes the slot at once
         (it counts as running); otherwise it joins the queue. The coroutine is
         created only when the job starts, in its own task, in a copy of the
         caller's `contextvars` context. If this raises, nothing was accepted.
+        Ignoring the returned job is fine.
 
         Args:
             async_fn: The async function to run. Pass the function, not a coroutine.
@@ -405,6 +504,9 @@ class BackgroundHandle:
             request_id: An id tying the job to a request, for logs and reports.
             timeout: Seconds the job may run before it is cancelled and counted
                 as ``timed_out``; overrides `BackgroundTaskConfig.job_timeout`.
+
+        Returns:
+            The job, to follow, wait for or cancel.
 
         Raises:
             QueueFullError: Every slot is busy and the queue is full (counted in
@@ -417,23 +519,26 @@ class BackgroundHandle:
             RuntimeError: Called from a thread other than the runtime's.
         """
         runtime = self._runtime
-        runtime.admission.spawn(
-            runtime.make_job("spawn", async_fn, args, name, request_id, timeout)
-        )
+        job = runtime.make_job("spawn", async_fn, args, name, request_id, timeout)
+        runtime.admission.spawn(job)
+        return job
 
     async def send(
         self,
-        async_fn: Callable[[Unpack[PosArgsT]], Awaitable[object]],
+        async_fn: Callable[[Unpack[PosArgsT]], Awaitable[T]],
         *args: Unpack[PosArgsT],
         name: str | None = None,
         request_id: str | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 (a per-job limit, not for this call)
-    ) -> None:
+    ) -> BackgroundJob[T]:
         """Submit ``async_fn(*args)`` as a job, waiting while the queue is full.
 
         Takes the same arguments as `spawn`. This is a checkpoint. Tasks waiting
         here are accepted in the order they arrived, as soon as there is room.
         If the calling task is cancelled while it waits, its job was not accepted.
+
+        Returns:
+            The job, to follow, wait for or cancel.
 
         Raises:
             RuntimeClosedError: Shutdown began before or while waiting.
@@ -442,9 +547,9 @@ class BackgroundHandle:
             RuntimeError: Called from a thread other than the runtime's.
         """
         runtime = self._runtime
-        await runtime.admission.send(
-            runtime.make_job("send", async_fn, args, name, request_id, timeout)
-        )
+        job = runtime.make_job("send", async_fn, args, name, request_id, timeout)
+        await runtime.admission.send(job)
+        return job
 
     def __repr__(self) -> str:
         return f"<trio_background.BackgroundHandle at {id(self):#x}>"
@@ -466,6 +571,38 @@ class BackgroundRuntime:
     def statistics(self) -> BackgroundStatistics:
         """Return a snapshot of the queue, the slots and the job counters."""
         return self._runtime.statistics()
+
+    def resize(
+        self, *, max_concurrent_tasks: int | None = None, max_queue_size: int | None = None
+    ) -> None:
+        """Change the number of slots and the size of the queue, live.
+
+        Growing the slots starts queued jobs at once, in order; growing the queue
+        accepts waiting `BackgroundHandle.send` calls at once. Shrinking never
+        cancels or drops a job: running jobs finish and queued jobs stay queued,
+        no job starts while `BackgroundStatistics.running` is at or above the new
+        number of slots, and new jobs are refused while the queue holds as many
+        jobs as the new size or more. `statistics` shows the new limits at once.
+
+        Args:
+            max_concurrent_tasks: The new number of slots (``>= 1``), or `None`
+                to keep it.
+            max_queue_size: The new queue size (``>= 0``), or `None` to keep it.
+
+        Raises:
+            TypeError: A value is not an int (`bool` is refused too).
+            ValueError: A value is out of range. Nothing changes on any error.
+            RuntimeError: Called from a thread other than the runtime's.
+        """
+        runtime = self._runtime
+        runtime.check_thread(
+            "resize", "run_sync(functools.partial(runtime.resize, max_concurrent_tasks=...))"
+        )
+        if max_concurrent_tasks is not None:
+            check_int("max_concurrent_tasks", max_concurrent_tasks, 1)
+        if max_queue_size is not None:
+            check_int("max_queue_size", max_queue_size, 0)
+        runtime.resize(max_concurrent_tasks, max_queue_size)
 
     async def wait_idle(self) -> None:
         """Wait for the first moment, from now on, at which no job is queued or running.
@@ -636,6 +773,7 @@ async def _open(runtime: Runtime) -> AsyncIterator[BackgroundRuntime]:
                 pending = exc
         finally:
             jobs_nursery.cancel_scope.cancel()
+    runtime.admission.free_lanes.clear()  # their host tasks have ended: nothing to keep
     try:
         _leave(pending, runtime.fatal)
     finally:
@@ -650,19 +788,15 @@ def _leave(pending: BaseException | None, fatal: list[BaseException]) -> None:
     """
     if not fatal:
         if pending is not None:
-            _raise_unchanged(pending)
+            raise_unchanged(pending)
         return
     errors = list(fatal)
-    if pending is not None and not isinstance(pending, trio.Cancelled):
+    if (
+        pending is not None
+        and not isinstance(pending, trio.Cancelled)
+        and not any(pending is seen for seen in fatal)  # e.g. re-raised by job.wait()
+    ):
         errors.insert(0, pending)
     if len(errors) == 1:
-        _raise_unchanged(errors[0])
+        raise_unchanged(errors[0])
     raise BaseExceptionGroup("errors in a background runtime", errors)
-
-
-def _raise_unchanged(exc: BaseException) -> NoReturn:
-    context = exc.__context__
-    try:
-        raise exc
-    finally:
-        exc.__context__ = context

@@ -14,9 +14,13 @@ from ._exceptions import BackgroundShutdownError
 from ._job import DROPPED
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from ._config import BackgroundJobMetadata
-    from ._job import Job
+    from ._job import BackgroundJob
     from ._runtime import Runtime
+
+    Job = BackgroundJob[Any]
 
 
 class Phase(enum.Enum):
@@ -94,8 +98,7 @@ class Shutdown:
         self.phase = Phase.CUT_OFF
         dropped: list[Job] = []
         while admission.queued:
-            job = admission.receive_channel.receive_nowait()
-            admission.queued -= 1
+            job = admission.pop()
             self.count_dropped(job)
             dropped.append(job)
         # Jobs holding a slot: running ones are cancelled; one whose task has not run
@@ -108,8 +111,8 @@ class Shutdown:
 
     def count_dropped(self, job: Job) -> None:
         self.runtime.dropped += 1
-        job.status = DROPPED
-        self.dropped.append((job.seq, job.metadata()))
+        job._end(DROPPED)
+        self.dropped.append((job._seq, job._meta()))
 
     @enable_ki_protection
     def drop_unstarted(self, job: Job) -> None:

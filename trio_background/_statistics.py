@@ -9,11 +9,14 @@ import attrs
 class BackgroundStatistics:
     """A snapshot of a runtime's state, returned by `BackgroundRuntime.statistics`.
 
-    At every instant ``accepted == queued + running + completed + failed +
-    timed_out + cancelled + dropped``, ``queued <= max_queue_size`` and
-    ``running <= max_concurrent_tasks``.
+    At every instant ``accepted == scheduled + queued + running + completed +
+    failed + timed_out + cancelled + dropped``, ``queued + scheduled <=
+    max_queue_size`` and ``running <= max_concurrent_tasks`` (after
+    `BackgroundRuntime.resize` shrinks a limit, until the excess has drained).
     """
 
+    #: Jobs accepted that wait to become due (not yet queued).
+    scheduled: int
     #: Jobs accepted but not started yet.
     queued: int
     #: Jobs running now.
@@ -24,9 +27,10 @@ class BackgroundStatistics:
     failed: int
     #: Jobs cancelled because they ran past their timeout.
     timed_out: int
-    #: Jobs cancelled at shutdown (drain deadline, cancelled close, or error).
+    #: Jobs cancelled while running: at shutdown (drain deadline, cancelled close, or
+    #: error) or through `BackgroundJob.cancel`.
     cancelled: int
-    #: Jobs discarded at shutdown without ever starting.
+    #: Jobs discarded without ever running: at shutdown or through `BackgroundJob.cancel`.
     dropped: int
     #: Calls to `BackgroundHandle.spawn` that raised `QueueFullError`.
     rejected: int
@@ -40,3 +44,6 @@ class BackgroundStatistics:
     #: Successful `BackgroundHandle.spawn` and `BackgroundHandle.send` calls. A counter
     #: of its own (not the sum of the others), so the identity above is a real check.
     accepted: int
+    #: Retries: runs that failed and were scheduled to run again (a job retried twice
+    #: counts 2).
+    retried: int
