@@ -46,9 +46,16 @@ def check_invariants(stats: BackgroundStatistics) -> None:
     """
     s = stats
     assert s.accepted == (
-        s.queued + s.running + s.completed + s.failed + s.timed_out + s.cancelled + s.dropped
+        s.scheduled
+        + s.queued
+        + s.running
+        + s.completed
+        + s.failed
+        + s.timed_out
+        + s.cancelled
+        + s.dropped
     )
-    assert 0 <= s.queued <= s.max_queue_size
+    assert 0 <= s.queued + s.scheduled <= s.max_queue_size
     assert 0 <= s.running <= s.max_concurrent_tasks
 
 

@@ -443,3 +443,43 @@ async def test_an_instrument_given_twice_is_installed_once(
         runtime.handle().spawn(sleeper, 0)
     assert len(calls) == 1
     assert len(records(caplog, logging.ERROR)) == 1
+
+
+async def test_job_failed_comes_right_before_job_finished_with_the_jobs_exception(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    calls: list[tuple[str, str, object]] = []
+    raised: list[BaseException] = []
+
+    class Errors:
+        def job_failed(self, job: BackgroundJobMetadata, exception: BaseException) -> None:
+            calls.append(("failed", job.name, exception))
+
+        def job_finished(self, job: BackgroundJobMetadata, outcome: str, duration: float) -> None:
+            calls.append(("finished", job.name, outcome))
+
+    async def fails() -> None:
+        error = ValueError("no")
+        raised.append(error)
+        raise error
+
+    async def not_async() -> None:
+        pass
+
+    config = BackgroundTaskConfig(max_concurrent_tasks=1, drain_timeout=60)
+    async with open_background_runtime(config, instruments=[Errors()]) as runtime:
+        handle = runtime.handle()
+        handle.spawn(fails, name="fails")
+        handle.spawn(trio.sleep, 0, name="fine")
+        handle.spawn(trio.sleep_forever, name="slow", timeout=1)
+        job: Any = handle.spawn(lambda: None, name="sync")  # type: ignore[arg-type, return-value]
+        await runtime.wait_idle()
+    assert calls[:2] == [("failed", "fails", raised[0]), ("finished", "fails", "failed")]
+    assert calls[2:4] == [("finished", "fine", "completed"), ("finished", "slow", "timed_out")]
+    assert calls[4][:2] == ("failed", "sync")
+    assert isinstance(calls[4][2], TypeError)
+    assert calls[5] == ("finished", "sync", "failed")
+    assert len(calls) == 6
+    with pytest.raises(TypeError) as info:
+        await job.wait()
+    assert info.value is calls[4][2]

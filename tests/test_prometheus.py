@@ -384,3 +384,65 @@ def test_name_clash_raises_and_registers_nothing() -> None:
     names = {metric.name for metric in clashing.collect()}
     assert names == {"trio_background_jobs_running"}
     PrometheusInstrument(clashing, namespace="retry")
+
+
+async def test_gauges_stay_exact_when_jobs_are_cancelled_through_their_handles(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Cancel jobs in every state: queued, holding a slot before their code ran, running,
+    # finished; then check the gauges against the runtime's own counters at each step.
+    registry = CollectorRegistry()
+    instrument = PrometheusInstrument(registry)
+
+    def gauges() -> tuple[float | None, float | None]:
+        return (
+            value(registry, "trio_background_jobs_queued", job="j"),
+            value(registry, "trio_background_jobs_running", job="j"),
+        )
+
+    def agree() -> None:
+        # A job holding a slot counts as running at once, but instruments see it start
+        # only when its code begins: until then the gauges show it queued.
+        stats = runtime.statistics()
+        queued, running = gauges()
+        assert queued is not None
+        assert running is not None
+        assert queued >= 0
+        assert running >= 0
+        assert queued + running == stats.queued + stats.running
+
+    async def settled() -> None:
+        await trio.testing.wait_all_tasks_blocked()
+        agree()
+        assert gauges() == (runtime.statistics().queued, runtime.statistics().running)
+
+    config = BackgroundTaskConfig(max_concurrent_tasks=2, max_queue_size=10, drain_timeout=60)
+    async with open_background_runtime(config, instruments=[instrument]) as runtime:
+        handle = runtime.handle()
+        jobs = [handle.spawn(trio.sleep, 1 + i, name="j") for i in range(8)]
+        jobs[0].cancel()  # holds a slot, code not yet run
+        agree()
+        jobs[5].cancel()  # queued
+        agree()
+        await settled()
+        for job in jobs:
+            if job.status == "running":
+                job.cancel()
+        agree()
+        await settled()
+        await trio.sleep(2.5)
+        for job in jobs:  # some running, some finished, some queued
+            job.cancel()
+            agree()
+        await runtime.wait_idle()
+        await settled()
+    stats = runtime.statistics()
+    assert snapshot(registry, "j") == expected(
+        jobs_accepted_total=8,
+        jobs_dropped_total=stats.dropped,
+        completed=stats.completed,
+        cancelled=stats.cancelled,
+    )
+    assert stats.dropped + stats.cancelled + stats.completed == 8
+    assert stats.dropped >= 2
+    assert stats.cancelled >= 2

@@ -16,13 +16,17 @@ import sys
 import textwrap
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
+from typing import Any
 
 from typing_extensions import assert_type
 
 from trio_background import (
     BackgroundHandle,
+    BackgroundJob,
+    BackgroundJobMetadata,
     BackgroundRuntime,
     BackgroundStatistics,
+    current_job,
     open_background_runtime,
 )
 
@@ -56,12 +60,36 @@ async def _static_send(handle: BackgroundHandle) -> None:  # checked by mypy, ne
     await handle.send(takes_int_str, 1)  # type: ignore[arg-type]
 
 
+async def returns_str(x: int) -> str:
+    """A job returning a str."""
+    return str(x)
+
+
+async def _static_handles(handle: BackgroundHandle) -> None:  # checked by mypy, never called
+    job = handle.spawn(returns_str, 1)
+    assert_type(job, BackgroundJob[str])
+    assert_type(await job.wait(), str)
+    assert_type(await (await handle.send(returns_str, 2)).wait(), str)
+    assert_type(handle.spawn(takes_int, 1), BackgroundJob[None])
+    assert_type(job.status, str)
+    assert_type(job.attempt, int)
+    assert_type(job.metadata, BackgroundJobMetadata)
+    assert_type(job.cancel(), None)
+    number: int = await job.wait()  # type: ignore[assignment]
+    handle.spawn(returns_str, "wrong")  # type: ignore[arg-type]
+    assert_type(current_job(), BackgroundJob[Any])
+    del number
+
+
 def _static_runtime(runtime: BackgroundRuntime) -> None:  # checked by mypy, never called
     assert_type(runtime.handle(), BackgroundHandle)
     assert_type(runtime.statistics(), BackgroundStatistics)
     assert_type(runtime.statistics().accepted, int)
     assert_type(runtime.statistics().closed, bool)
     assert_type(open_background_runtime(), AbstractAsyncContextManager[BackgroundRuntime])
+    runtime.resize(max_concurrent_tasks=2, max_queue_size=10)
+    runtime.resize(max_concurrent_tasks="2")  # type: ignore[arg-type]
+    runtime.resize(2)  # type: ignore[call-arg]
 
 
 SNIPPET = textwrap.dedent(
@@ -123,3 +151,60 @@ def test_mypy_flags_wrong_spawn_argument(tmp_path: Path) -> None:
     assert (send_file, send_line) == (snippet.name, 15)
     assert 'Argument 1 to "send" of "BackgroundHandle"' in send_msg
     assert send_msg.endswith("[arg-type]")
+
+
+REVEAL_SNIPPET = textwrap.dedent(
+    """\
+    from trio_background import BackgroundHandle
+
+
+    async def count(x: int) -> list[int]:
+        return [x]
+
+
+    async def use(handle: BackgroundHandle) -> None:
+        job = handle.spawn(count, 1)
+        reveal_type(job)
+        reveal_type(await job.wait())
+        reveal_type(await (await handle.send(count, 2)).wait())
+        handle.spawn(count, "wrong")
+    """
+)
+
+
+def test_mypy_reveals_the_jobs_return_type_through_wait(tmp_path: Path) -> None:
+    snippet = tmp_path / "wait_typing_snippet.py"
+    snippet.write_text(REVEAL_SNIPPET)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--config-file",
+            str(REPO / "pyproject.toml"),
+            "--show-error-codes",
+            "--no-error-summary",
+            "--no-pretty",
+            str(snippet),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    lines = [line.split(":", 2) for line in result.stdout.splitlines() if ": " in line]
+    found = [(int(lineno), rest.strip()) for _, lineno, rest in lines]
+    assert len(found) == 4, result.stdout
+    # mypy spells builtins as "list[int]" or "builtins.list[builtins.int]" by version, and
+    # names the class by the module that defines it.
+    reveals = [(n, text.replace("builtins.", "")) for n, text in found[:3]]
+    job_line, wait_line, send_line = reveals
+    assert job_line[0] == 10
+    assert job_line[1].startswith('note: Revealed type is "trio_background.')
+    assert job_line[1].endswith('BackgroundJob[list[int]]"')
+    assert wait_line == (11, 'note: Revealed type is "list[int]"')
+    assert send_line == (12, 'note: Revealed type is "list[int]"')
+    assert found[3][0] == 13
+    assert 'to "spawn" of "BackgroundHandle"' in found[3][1]
+    assert found[3][1].endswith("[arg-type]")

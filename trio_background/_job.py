@@ -211,7 +211,14 @@ class BackgroundJob(Generic[T]):
         if state == COMPLETED:
             return self._value  # type: ignore[no-any-return]
         if state == FAILED:
-            raise_unchanged(self._value)
+            # This frame joins the exception's traceback: it must not hold the job, which
+            # holds the exception (a reference cycle).
+            error = self._value
+            del self
+            try:
+                raise_unchanged(error)
+            finally:
+                del error
         meta = self._meta()
         if state == TIMED_OUT:
             raise JobTimeoutError(f"background job {meta.name!r} timed out", job=meta)
@@ -271,6 +278,7 @@ def raise_unchanged(exc: BaseException) -> NoReturn:
         raise exc
     finally:
         exc.__context__ = context
+        del exc, context  # this frame is in the traceback: no cycle through it
 
 
 def _check_callable(method: str, fn: object) -> None:
