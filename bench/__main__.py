@@ -36,7 +36,16 @@ from ._util import log
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DOCS_PNG = ROOT / "docs" / "_static" / "bench.png"
-SECTIONS = ("burst", "steady", "latency", "memory", "shutdown", "instruments", "send")
+SECTIONS = (
+    "burst",
+    "steady",
+    "latency",
+    "memory",
+    "shutdown",
+    "instruments",
+    "send",
+    "release",
+)
 
 
 def _version(dist: str) -> str:
@@ -129,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             sections[key] = scenarios.instruments(
                 tb, sizes, package_dir, count_instructions=args.instructions
             )
+        elif key == "release":
+            sections[key] = scenarios.release(tb, sizes, count_instructions=args.instructions)
         else:
             sections[key] = scenarios.send(tb, sizes)
         log(f"{key}: {time.perf_counter() - section_started:,.1f} s")

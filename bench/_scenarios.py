@@ -633,3 +633,81 @@ def send(tb: ModuleType | None, sizes: Sizes) -> Section:
     section.data.update(cpu_per_job=cpu, wall_per_job=wall, ratios=per_round)
     section.bars.append(_ratio_bar(SEND_BAR, median(per_round), 1.2, at_most=True))
     return section
+
+
+# -- 8. this version against the last release ------------------------------------------------
+
+RELEASE_BAR = "burst with handles returned >= 0.95x the last release"
+
+
+def release(tb: ModuleType | None, sizes: Sizes, *, count_instructions: bool) -> Section:
+    """Burst throughput and bytes per queued job against the last release, interleaved.
+
+    Since 2.0 ``spawn`` returns a `BackgroundJob`; the burst ignores it, as most callers
+    do. The release's package is rebuilt from git (see ``_release``).
+    """
+    from . import _release
+
+    n = sizes.burst
+    log(f"release: burst of {n:,} against {_release.RELEASE}, {sizes.rounds} interleaved rounds")
+    section = Section(
+        "release",
+        f"8. Against the last release ({_release.RELEASE}): burst of {n:,} no-op jobs",
+        ["version", "jobs/s (CPU)", "CPU range", "jobs/s (wall)", "vs release", "what"],
+        data={"n": n, "release": _release.RELEASE},
+    )
+    try:
+        old = _release.build()
+    except Exception as exc:
+        section.notes.append(f"could not build release {_release.RELEASE}: {exc}")
+        section.bars.append(Bar(RELEASE_BAR, "n/a", ">= 0.95x", None))
+        return section
+    if tb is None:
+        section.bars.append(Bar(RELEASE_BAR, "n/a", ">= 0.95x", None))
+        return section
+    label = f"release {_release.RELEASE}"
+    contenders: dict[str, Callable[[], Timing]] = {
+        OURS: lambda: ours.burst(tb, n, CAP),
+        label: lambda: ours.burst(old, n, CAP),
+    }
+    timings = interleave(contenders, sizes.rounds, label="release")
+    what = {OURS: "spawn returns a BackgroundJob (ignored)", label: "spawn returns None"}
+    rates = _throughput_rows(section, n, timings, label, what)
+    per_round = ratios(rates[OURS], rates[label])
+    ratio = median(per_round)
+    section.data["per_round"] = per_round
+    section.notes.append(
+        f"per-round {OURS} / {label} (CPU): " + ", ".join(f"{x:.2f}" for x in per_round)
+    )
+    tracemalloc.start()
+    try:
+        q = sizes.mem_queued
+        new_bytes = ours.bytes_per_queued_job(tb, q, CAP)
+        old_bytes = ours.bytes_per_queued_job(old, q, CAP)
+    finally:
+        tracemalloc.stop()
+    section.notes.append(
+        f"bytes per queued job: {OURS} {fmt_bytes(new_bytes)}, {label} {fmt_bytes(old_bytes)}"
+    )
+    section.data.update(bytes_per_queued_job=new_bytes, release_bytes_per_queued_job=old_bytes)
+    judged = f"{ratio:.2f}x (CPU, median of rounds)"
+    passed = ratio >= 0.95
+    if count_instructions:
+        from . import _instructions
+
+        if _instructions.available():
+            log("instructions: counting both under valgrind")
+            counts = _instructions.per_job(
+                {OURS: "ours", label: f"stripped:{Path(str(old.__file__)).parent}"}
+            )
+            section.data["instructions_per_job"] = counts
+            instr_ratio = counts[label] / counts[OURS]
+            section.notes.append(
+                "instructions per job (valgrind; I(9,000) - I(3,000) over 6,000): "
+                + ", ".join(f"{k} {v:,.0f}" for k, v in counts.items())
+                + f" -> throughput ratio {instr_ratio:.3f}x"
+            )
+            judged += f"; {instr_ratio:.3f}x in instructions"
+            passed = passed and instr_ratio >= 0.95
+    section.bars.append(Bar(RELEASE_BAR, judged, ">= 0.95x", passed))
+    return section
