@@ -128,6 +128,26 @@ async def test_run_demo_plain_output(autojump_clock: trio.testing.MockClock) -> 
     assert final.startswith("  9.5s closed 200/200 | queued   0/8 running   0/4 | completed ")
     assert "  8.0s aclose(): intake closed; draining up to 1.5s" in lines
 
+    # Mid-burst, resize() doubles the 4 slots: queued jobs take the new slots at once; later
+    # it shrinks them back without cancelling anything (the excess drains).
+    grow, shrink = (
+        re.fullmatch(
+            rf"  {at} resize\(max_concurrent_tasks={n}\): running (\d+) -> (\d+), "
+            r"queued (\d+) -> (\d+)",
+            line,
+        )
+        for at, n, line in zip(
+            ("5.0s", "6.2s"), (8, 4), [x for x in lines if "resize(" in x], strict=True
+        )
+    )
+    assert grow is not None
+    assert shrink is not None
+    run_before, run_after, queued_before, queued_after = map(int, grow.groups())
+    assert run_after == min(8, run_before + queued_before)
+    assert queued_after == queued_before - (run_after - run_before)
+    assert queued_before > 0  # the queue was long: the resize had work to start
+    assert shrink.group(1) == shrink.group(2)  # shrinking stops nothing that runs
+
     # The shutdown report names what the drain deadline cut off, and the numbers add up.
     cancelled, dropped = expected_cut_off(OPTIONS)
     numbers = figures(text)
@@ -179,7 +199,12 @@ async def test_run_demo_interactive_output(
     # On screen, the status line was rewritten in place: only its final state remains.
     screen = render_terminal(text)
     final = [line for line in screen if re.match(r"^\s*\d+\.\ds ", line)]
-    assert [line[:22] for line in final] == ["  8.0s aclose(): intak", "  9.5s closed 200/200 "]
+    assert [line[:22] for line in final] == [
+        "  5.0s resize(max_conc",
+        "  6.2s resize(max_conc",
+        "  8.0s aclose(): intak",
+        "  9.5s closed 200/200 ",
+    ]
     assert screen[0].startswith("trio_background demo: 200 jobs")
     assert "Shutdown report" in screen
     assert sum(line.startswith("  log   ") for line in screen) >= 4
@@ -341,9 +366,9 @@ async def test_output_speaks_of_the_project_only(
     assert not re.search(r"(?i)\b(issues?|sessions?|tickets?|brief|agents?)\b", text)
 
 
-def test_the_demo_modules_are_at_most_450_lines() -> None:
+def test_the_demo_modules_are_at_most_470_lines() -> None:
     modules = sorted((ROOT / "trio_background").glob("_demo*.py"))
-    assert sum(len(path.read_text().splitlines()) for path in modules) <= 450
+    assert sum(len(path.read_text().splitlines()) for path in modules) <= 470
 
 
 def test_main_runs_the_demo(

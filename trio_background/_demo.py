@@ -125,6 +125,7 @@ class Scenario(NamedTuple):
     config: BackgroundTaskConfig
     jobs: tuple[PlannedJob, ...]
     close_at: float
+    resizes: tuple[tuple[float, int], ...] = ()  # (when, max_concurrent_tasks)
 
 
 def _nice(seconds: float) -> float:
@@ -138,6 +139,8 @@ def build_scenario(options: DemoOptions) -> Scenario:
       arrive in two bursts (at 0.25 D and 0.5 D) that fill the queue for a moment.
     * 0.72 D: slow ``export_report`` jobs (with a timeout longer than the short
       ``job_timeout``), enough to fill every slot and half the queue.
+    * 0.5 D, mid-burst: ``resize()`` doubles the slots (queued jobs start at once); 0.62 D:
+      back to the first number (nothing is cancelled: the excess drains).
     * 0.8 D: ``aclose()`` with ``drain_timeout`` 0.15 D: the slow jobs are cut off (those
       running cancelled, the others dropped). At 0.85 D a few requests still arrive.
     """
@@ -178,7 +181,8 @@ def build_scenario(options: DemoOptions) -> Scenario:
         jobs.append(PlannedJob(0.72 * d, "export_report", seconds, next(ids), timeout=d))
     for _ in range(n_after):
         jobs.append(PlannedJob(0.85 * d, "write_audit", mean, next(ids), wait=True))
-    return Scenario(config, tuple(jobs), close_at=0.8 * d)
+    resizes = ((0.5 * d, 2 * slots), (0.62 * d, slots))
+    return Scenario(config, tuple(jobs), close_at=0.8 * d, resizes=resizes)
 
 
 class _Console(logging.Handler):
@@ -312,9 +316,21 @@ class _Run(BackgroundInstrument):
                 else:
                     await self.submit(handle, job)  # never yields
 
+        async def resize_when_planned() -> None:
+            for at, slots in self.scenario.resizes:
+                await trio.sleep_until(start + at)
+                old = runtime.statistics()
+                runtime.resize(max_concurrent_tasks=slots)
+                new = runtime.statistics()
+                self.console.message(
+                    f"{at:5.1f}s resize(max_concurrent_tasks={slots}): running {old.running}"
+                    f" -> {new.running}, queued {old.queued} -> {new.queued}"
+                )
+
         before = [job for job in self.scenario.jobs if job.at < close_at]
         async with trio.open_nursery() as requests:
             with self.stop:
+                requests.start_soon(resize_when_planned)
                 await submit_all(before)
                 await trio.sleep_until(start + close_at)
             if not self.interrupted:  # the requests that arrive after aclose() began
