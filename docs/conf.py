@@ -42,7 +42,12 @@ nitpicky = True
 # The TypeVarTuple in the annotations of BackgroundHandle.spawn/send (the same
 # pattern as trio.Nursery.start_soon). It exists only under TYPE_CHECKING and is
 # not public API, so there is nothing to link to.
-nitpick_ignore: list[tuple[str, str]] = [("py:class", "PosArgsT")]
+# Likewise the TypeVar of a job's return type (BackgroundJob[T]).
+nitpick_ignore: list[tuple[str, str]] = [
+    ("py:class", "PosArgsT"),
+    ("py:class", "T"),
+    ("py:class", "trio_background._job.T"),
+]
 
 # -- autodoc / napoleon ------------------------------------------------------
 # trio_background.prometheus imports prometheus_client, an optional extra; the
@@ -140,6 +145,8 @@ def _public_attributes() -> set[str]:
         except PycodeError:  # no Python source to read
             continue
         for classname, attribute in attr_docs:
+            if attribute.startswith("_"):
+                continue  # a private attribute (its comment is for the code's readers)
             if classname in public and getattr(module, classname, None) is public[classname]:
                 expected.add(f"trio_background.{classname}.{attribute}")
     return expected

@@ -658,3 +658,35 @@ async def test_a_keyboard_interrupt_waited_for_leaves_the_block_once() -> None:
             job = runtime.handle().spawn(interrupted)
             await job.wait()
     assert type(info.value) is KeyboardInterrupt
+
+
+# -- the recipes in the docs ----------------------------------------------------------------
+
+
+async def test_the_wait_with_a_deadline_recipe(autojump_clock: trio.testing.MockClock) -> None:
+    # docs/recipes.rst: waiting gives up at the deadline; the job runs on to the end.
+    async def build_report(seconds: float) -> str:
+        await trio.sleep(seconds)
+        return "url"
+
+    async def handle_export(handle: Any, seconds: float) -> tuple[int, str]:
+        job = handle.spawn(build_report, seconds, name="build_report")
+        with trio.move_on_after(2.0):
+            try:
+                url = await job.wait()
+            except JobTimeoutError:
+                return (504, "too long")
+            except JobCancelledError:
+                return (503, "cancelled")
+            return (200, url)
+        return (202, f"still working: {job.status}")
+
+    async with open_background_runtime(config(job_timeout=10)) as runtime:
+        handle = runtime.handle()
+        assert await handle_export(handle, 1) == (200, "url")
+        assert await handle_export(handle, 5) == (202, "still working: running")
+        await runtime.wait_idle()
+        assert runtime.statistics().completed == 2  # the slow one finished all the same
+        assert await handle_export(handle, 30) == (202, "still working: running")
+        await runtime.wait_idle()
+        assert runtime.statistics().timed_out == 1

@@ -158,7 +158,7 @@ class BackgroundJob(Generic[T]):
 
     @property
     def status(self) -> str:
-        """Where the job is: ``"queued"`` or ``"running"``, or how it ended.
+        """Where the job is now, or how it ended, as a status name.
 
         One of ``"scheduled"``, ``"queued"``, ``"running"``, ``"completed"``,
         ``"failed"``, ``"timed_out"``, ``"cancelled"``, ``"dropped"``. The job is
@@ -168,7 +168,7 @@ class BackgroundJob(Generic[T]):
 
     @property
     def attempt(self) -> int:
-        """The number of the job's current (or last) run: 1 + the retries so far."""
+        """The number of the job's current or last run (1 plus the retries so far)."""
         return 1
 
     def cancel(self) -> None:
