@@ -690,3 +690,228 @@ async def test_the_wait_with_a_deadline_recipe(autojump_clock: trio.testing.Mock
         assert await handle_export(handle, 30) == (202, "still working: running")
         await runtime.wait_idle()
         assert runtime.statistics().timed_out == 1
+
+
+# -- regressions: what an adversarial review found ------------------------------------------
+
+
+def test_wait_from_another_thread_is_refused_and_the_runtime_is_unharmed() -> None:
+    async def main() -> None:
+        async with open_background_runtime(config()) as runtime:
+            gate = trio.Event()
+            job = runtime.handle().spawn(gate.wait)
+
+            def other_thread() -> None:
+                trio.run(job.wait)  # another Trio run, in another thread
+
+            with pytest.raises(RuntimeError, match=r"trio\.from_thread\.run\(job\.wait\)"):
+                await trio.to_thread.run_sync(other_thread)
+            gate.set()
+            await job.wait()
+        assert all_counts(runtime.statistics()) == expected(completed=1)
+
+    trio.run(main)
+
+
+async def test_a_job_cannot_wait_for_itself() -> None:
+    async def selfish() -> str:
+        with pytest.raises(RuntimeError, match="cannot wait for itself"):
+            await current_job().wait()
+
+        async def child() -> None:
+            with pytest.raises(RuntimeError, match="cannot wait for itself"):
+                await current_job().wait()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(child)
+        return "fine"
+
+    async with open_background_runtime(config()) as runtime:
+        job = runtime.handle().spawn(selfish)
+        assert await job.wait() == "fine"
+
+
+async def test_waiting_again_does_not_pile_up_the_waiters_frames() -> None:
+    async def fails() -> None:
+        raise ValueError("no")
+
+    def depth(tb: Any) -> int:
+        n = 0
+        while tb is not None:
+            n, tb = n + 1, tb.tb_next
+        return n
+
+    async with open_background_runtime(config()) as runtime:
+        job = runtime.handle().spawn(fails)
+        await runtime.wait_idle()
+        depths = []
+        for _ in range(4):
+            with pytest.raises(ValueError, match="no") as info:
+                await job.wait()
+            depths.append(depth(info.value.__traceback__))
+        assert len(set(depths)) == 1, depths
+
+
+async def test_the_default_name_is_read_at_submit_time_outside_the_bookkeeping() -> None:
+    # A callable whose __qualname__ is computed: it runs in spawn(), before anything is
+    # counted; nothing of the runtime's runs while the counters are half-updated.
+    seen: list[Any] = []
+
+    class Callable_:
+        def __getattr__(self, name: str) -> str:
+            if name == "__qualname__":
+                seen.append(runtime.statistics())
+                return "computed"
+            raise AttributeError(name)
+
+        async def __call__(self) -> None:
+            pass
+
+    async with open_background_runtime(config()) as runtime:
+        job = runtime.handle().spawn(Callable_())
+        assert [s.accepted for s in seen] == [0]
+        await runtime.wait_idle()
+        assert len(seen) == 1
+        assert job.metadata.name == "computed"
+        check_invariants(runtime.statistics())
+
+
+async def test_a_job_cancelled_before_its_code_ran_stays_cancelled_through_a_cut_off() -> None:
+    recorder = Recorder()
+    with pytest.raises(BackgroundShutdownError) as info:
+        async with open_background_runtime(
+            config(max_concurrent_tasks=2, drain_timeout=0), instruments=[recorder]
+        ) as runtime:
+            handle = runtime.handle()
+            mine = handle.spawn(trio.sleep_forever, name="mine")
+            handle.spawn(trio.sleep_forever, name="cut")
+            mine.cancel()  # its task has not run yet; the cut-off comes before it does
+    assert mine.status == "cancelled"
+    assert [m.name for m in info.value.cancelled] == []  # "cut" never ran: dropped
+    assert [m.name for m in info.value.dropped] == ["cut"]
+    assert all_counts(info.value.statistics) == expected(cancelled=1, dropped=1)
+    assert [c for c in recorder.pairs() if c[1] == "mine"] == [
+        ("accepted", "mine"),
+        ("started", "mine"),
+        ("finished", "mine"),
+    ]
+
+
+def test_a_keyboard_interrupt_in_a_log_handler_reports_admitted_senders_before_dropping() -> None:
+    # A failing job's hand-off accepts a waiting send()'s job; the log handler for the
+    # failure then raises KeyboardInterrupt, which cuts the runtime off and drops that job.
+    # Instruments must see it accepted before they see it dropped.
+    recorder = Recorder()
+
+    class Interrupting(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno == logging.ERROR:
+                raise KeyboardInterrupt
+
+    async def fails() -> None:
+        await trio.sleep(1)
+        raise ValueError("no")
+
+    async def main() -> None:
+        cfg = config(max_concurrent_tasks=1, max_queue_size=0)
+        async with open_background_runtime(cfg, instruments=[recorder]) as runtime:
+            handle = runtime.handle()
+            handle.spawn(fails, name="f")
+            await handle.send(trio.sleep_forever, name="w")
+
+    logger = logging.getLogger("trio_background")
+    handler = Interrupting()
+    logger.addHandler(handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    finally:
+        logger.removeHandler(handler)
+    w_calls = [hook for hook, name in recorder.pairs() if name == "w"]
+    assert w_calls[0] == "accepted"
+    assert "dropped" in w_calls or "finished" in w_calls
+
+
+def test_a_keyboard_interrupt_from_a_job_leaves_bare_when_the_body_has_a_nursery() -> None:
+    async def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    async def main() -> None:
+        async with open_background_runtime(config()) as runtime, trio.open_nursery() as nursery:
+            nursery.start_soon(trio.sleep_forever)  # two tasks: a group of Cancelled
+            nursery.start_soon(trio.sleep_forever)
+            runtime.handle().spawn(interrupted)
+
+    with pytest.raises(KeyboardInterrupt) as info:
+        trio.run(main)
+    assert type(info.value) is KeyboardInterrupt
+
+
+def test_a_closed_runtime_keeps_nothing_of_a_job_that_raised_keyboard_interrupt() -> None:
+    things = [Thing()]
+    watched = weakref.ref(things[0])
+    box: list[BackgroundRuntime] = []
+
+    async def interrupted(thing: Thing) -> None:
+        raise KeyboardInterrupt
+
+    async def main() -> None:
+        async with open_background_runtime(config()) as runtime:
+            box.append(runtime)
+            runtime.handle().spawn(interrupted, things.pop())
+
+    with pytest.raises(KeyboardInterrupt):
+        trio.run(main)
+    gc.collect()
+    assert box  # the runtime is still referenced here
+    assert watched() is None
+
+
+@pytest.mark.parametrize(
+    "line", ["lane.nursery = nursery", "lane.start_task = ", "self.start(starting, lane)"]
+)
+def test_ctrl_c_while_a_slot_starts_leaves_the_block_and_strands_nothing(line: str) -> None:
+    # A real SIGINT (Trio's handler decides where it lands) on a line of the code that
+    # opens a slot's nursery and starts its first job.
+    import linecache
+    import signal
+    import sys
+
+    from trio_background import _admission
+
+    target = _admission.Admission.host_lane.__code__
+    fired: list[bool] = []
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        source = linecache.getline(frame.f_code.co_filename, frame.f_lineno)
+        if event == "line" and not fired and line in source:
+            fired.append(True)
+            signal.raise_signal(signal.SIGINT)
+        return local
+
+    def trace(frame: Any, event: str, arg: Any) -> Any:
+        return local if frame.f_code is target else None
+
+    async def returns_one() -> int:
+        return 1
+
+    box: list[BackgroundRuntime] = []
+
+    async def main() -> None:
+        async with open_background_runtime(config()) as runtime:
+            box.append(runtime)
+            old = sys.gettrace()
+            sys.settrace(trace)
+            try:
+                runtime.handle().spawn(returns_one)
+                await trio.sleep(0.1)
+            finally:
+                sys.settrace(old)
+
+    with pytest.raises(KeyboardInterrupt) as info:
+        trio.run(main)
+    assert fired
+    assert type(info.value) is KeyboardInterrupt
+    stats = box[0].statistics()
+    check_invariants(stats)
+    assert (stats.queued, stats.running) == (0, 0)

@@ -268,8 +268,14 @@ class Admission:
             start = functools.partial(self.nursery.start_soon, name=_LANE_TASK_NAME)
             contextvars.Context().run(start, self.host_lane, lane, job)
 
+    @enable_ki_protection
     async def host_lane(self, lane: Lane, job: Job) -> None:
-        """The host task of ``lane``: owns its nursery until the lane dies or the runtime ends."""
+        """The host task of ``lane``: owns its nursery until the lane dies or the runtime ends.
+
+        KI-protected: Ctrl-C must not come between the lane's start and its first job's.
+        """
+        first: Job | None = job
+        del job  # the lane outlives its first job: hold nothing of it
         try:
             async with trio.open_nursery() as nursery:
                 lane.nursery = nursery
@@ -278,12 +284,20 @@ class Admission:
                     self.runtime.run,  # type: ignore[arg-type]
                     name=_TASK_NAME,
                 )
+                starting, first = first, None
+                assert starting is not None
                 try:
-                    self.start(job, lane)
+                    self.start(starting, lane)
                 except BaseException as exc:  # e.g. MemoryError: that job fails, counted
-                    self.runtime.start_failed(job, exc)
-                del job  # the lane outlives the job: hold nothing of it
+                    self.runtime.start_failed(starting, exc)
+                del starting
                 await trio.sleep_forever()
+        except BaseException as exc:
+            if first is not None:  # the nursery could not be opened: the job fails
+                lane.alive = False
+                self.runtime.start_failed(first, exc)
+                del first
+            raise
         finally:
             lane.alive = False
             lane.start_task = None
@@ -313,7 +327,7 @@ class Admission:
     ) -> HandOff:
         """Count ``job``, whose task could not be started, failed; give ``lane`` back."""
         self.runtime.failed += 1
-        job._end(FAILED, exc)
+        job._end(FAILED, (exc, exc.__traceback__))
         self.give_back(lane)
         events = events or HandOff()
         events.failed_to_start.append((job, exc))

@@ -121,14 +121,14 @@ class BackgroundJob(Generic[T]):
         runtime: Runtime,
         fn: Callable[..., object],
         args: tuple[object, ...],
-        name: str | None,
+        name: str,
         request_id: str | None,
         timeout: float | None,
     ) -> None:
         self._runtime = runtime
         self._fn: Callable[..., object] | None = fn
         self._args: tuple[object, ...] = args
-        self._name = name
+        self._name: str = name
         self._request_id = request_id
         self._timeout = timeout
         #: A copy of the submitter's context, taken when the job was submitted. The job's
@@ -145,8 +145,8 @@ class BackgroundJob(Generic[T]):
         #: Neighbours in the queue while queued.
         self._prev: BackgroundJob[Any] | None = None
         self._next: BackgroundJob[Any] | None = None
-        #: Once final: the return value (completed) or the exception (failed). Before
-        #: that: None, or the `trio.Event` that tasks in `wait` wait for.
+        #: Once final: the return value (completed) or, failed, the exception and its own
+        #: traceback. Before that: None, or the `trio.Event` that tasks in `wait` wait for.
         self._value: Any = None
 
     # -- the public face ----------------------------------------------------------------
@@ -176,8 +176,8 @@ class BackgroundJob(Generic[T]):
 
         A queued job leaves the queue at once, never runs, and counts ``dropped``;
         its place in the queue is free at once. A running job is cancelled and
-        counts ``cancelled`` once it has unwound (or ``completed``, if it returned
-        without seeing the cancellation). A finished job is unaffected.
+        counts ``cancelled`` once it has unwound, or ``completed`` if it returned
+        normally all the same (it finished first). A finished job is unaffected.
 
         Raises:
             RuntimeError: Called from a thread other than the runtime's.
@@ -200,9 +200,15 @@ class BackgroundJob(Generic[T]):
             JobTimeoutError: The job ran past its timeout.
             JobCancelledError: The job was cancelled, or dropped without running.
         """
+        self._runtime.check_thread("wait", "run(job.wait)")
         if self._state in _FINAL:
             await trio.lowlevel.checkpoint()
         else:
+            if _CURRENT.get(None) is self:
+                raise RuntimeError(
+                    "a job cannot wait for itself (nor can the tasks it started): it would "
+                    "wait forever"
+                )
             done = self._value
             if done is None:
                 done = self._value = trio.Event()
@@ -213,12 +219,13 @@ class BackgroundJob(Generic[T]):
         if state == FAILED:
             # This frame joins the exception's traceback: it must not hold the job, which
             # holds the exception (a reference cycle).
-            error = self._value
+            error, traceback = self._value
             del self
             try:
-                raise_unchanged(error)
+                # From the job's own traceback each time: a waiter's frames do not pile up.
+                raise_unchanged(error.with_traceback(traceback))
             finally:
-                del error
+                del error, traceback
         meta = self._meta()
         if state == TIMED_OUT:
             raise JobTimeoutError(f"background job {meta.name!r} timed out", job=meta)
@@ -234,8 +241,7 @@ class BackgroundJob(Generic[T]):
 
     def _meta(self) -> BackgroundJobMetadata:
         if self._metadata is None:
-            name = self._name if self._name is not None else _name_of(self._fn)
-            self._metadata = BackgroundJobMetadata(name, self._request_id)
+            self._metadata = BackgroundJobMetadata(self._name, self._request_id)
         return self._metadata
 
     def _end(self, state: str, value: object = None) -> None:
@@ -248,7 +254,6 @@ class BackgroundJob(Generic[T]):
 
     def _release(self) -> None:
         """Forget what the job would have run (its name is kept for reports)."""
-        self._meta()
         self._fn = None
         self._args = ()
         self._context = None
@@ -328,11 +333,16 @@ def make_job(
         raise TypeError(f"name must be a str or None, not {type(name).__name__}")
     if request_id is not None and not isinstance(request_id, str):
         raise TypeError(f"request_id must be a str or None, not {type(request_id).__name__}")
+    # The default name is read now, from the caller (a callable's __getattr__ may run):
+    # the job forgets its function when it ends, and no user code runs in the runtime's
+    # bookkeeping.
     if type(fn) is types.FunctionType:  # plain functions need no further look
         if name is None:
-            name = fn.__qualname__  # (the job forgets its function when it ends)
+            name = fn.__qualname__
     else:
         _check_callable(method, fn)
+        if name is None:
+            name = _name_of(fn)
     assert callable(fn)
     assert name is None or isinstance(name, str)
     assert request_id is None or isinstance(request_id, str)

@@ -79,11 +79,11 @@ from ._job import (
     STARTING,
     TIMED_OUT,
     BackgroundJob,
-    _name_of,
     call_job,
     make_job,
     outcome_of,
     raise_unchanged,
+    split_cancelled,
     without_runtime_frames,
 )
 from ._log import emit_job
@@ -176,9 +176,10 @@ class Runtime:
         if state is not STARTING and state is not CANCELLING:
             return  # its start was undone (see Admission.try_accept)
         shutdown = self.shutdown
-        if shutdown.phase is Phase.CUT_OFF:
+        if shutdown.phase is Phase.CUT_OFF and state is STARTING:
             shutdown.drop_unstarted(job)
             return
+        # (A job cancelled through its handle before the cut-off ends cancelled, below.)
         _CURRENT.set(job)
         hooks = self.instruments.hooks
         if hooks:
@@ -212,8 +213,6 @@ class Runtime:
         if error is None and not timed_out and not self.cut_off_begun():
             # Returned normally (even if cancel() came too late to stop it).
             self.completed += 1
-            if job._name is None:
-                job._name = _name_of(job._fn)
             job._fn = None
             job._args = ()
             job._context = None
@@ -270,9 +269,12 @@ class Runtime:
             self.timed_out += 1
         else:
             self.completed += 1
-        job._end(outcome, failure)
+        job._end(outcome, None if failure is None else (failure, failure.__traceback__))
         events = self.admission.hand_off(job)
         # -- the state is complete; now the user code: log handlers, hooks ----------
+        # First the jobs the hand-off accepted: a log handler or hook that interrupts the
+        # runtime would drop them, and no instrument may see a job dropped before accepted.
+        self.report_admitted(events)
         meta = job._meta()
         job._release()
         if outcome == FAILED and fatal is None:
@@ -292,7 +294,7 @@ class Runtime:
     def start_failed(self, job: Job, exc: BaseException) -> None:
         """Count ``job``, which holds a slot but whose task could not be started, failed."""
         self.failed += 1
-        job._end(FAILED, exc)
+        job._end(FAILED, (exc, exc.__traceback__))
         events = self.admission.hand_off(job)
         self.report_start_failure(job, exc)
         self.report_events(events)
@@ -305,6 +307,7 @@ class Runtime:
         state = job._state
         if state is QUEUED:
             events = self.admission.withdraw(job)
+            self.report_admitted(events)  # (first: see finish)
             if "job_dropped" in self.instruments.hooks:
                 self.call_hook(job, "job_dropped")
             job._release()
@@ -353,10 +356,7 @@ class Runtime:
         """Call the hooks for a job that ended and for what its hand-off did."""
         instruments = self.instruments
         hooks = instruments.hooks
-        if events is not None and "job_accepted" in hooks:
-            # The counters already include the jobs of waiting send()s accepted just now.
-            for other in events.admitted:
-                self.call_hook(other, "job_accepted")
+        self.report_admitted(events)
         if failure is not None and "job_failed" in hooks:
             instruments.call("job_failed", job._meta(), failure)
         if "job_finished" in hooks:
@@ -366,13 +366,23 @@ class Runtime:
             for other, exc in events.failed_to_start:
                 self.report_start_failure(other, exc)
 
+    def report_admitted(self, events: HandOff | None) -> None:
+        """Call ``job_accepted`` for the jobs of waiting send()s a hand-off accepted.
+
+        The counters already include them. Each is reported once: the list is emptied.
+        """
+        if events is None or not events.admitted:
+            return
+        admitted, events.admitted = events.admitted, []
+        if "job_accepted" in self.instruments.hooks:
+            for other in admitted:
+                self.call_hook(other, "job_accepted")
+
     def report_events(self, events: HandOff | None) -> None:
         """Report what a hand-off outside a job's ending did (see `report_finished`)."""
         if events is None:
             return
-        if "job_accepted" in self.instruments.hooks:
-            for other in events.admitted:
-                self.call_hook(other, "job_accepted")
+        self.report_admitted(events)
         for other, exc in events.failed_to_start:
             self.report_start_failure(other, exc)
 
@@ -773,9 +783,13 @@ async def _open(runtime: Runtime) -> AsyncIterator[BackgroundRuntime]:
                 pending = exc
         finally:
             jobs_nursery.cancel_scope.cancel()
-    runtime.admission.free_lanes.clear()  # their host tasks have ended: nothing to keep
+    # A closed runtime keeps nothing of its run: no lane, no nursery (which would keep the
+    # whole Trio run, and what its tasks raised, alive), no exception.
+    runtime.admission.free_lanes.clear()
+    runtime.admission.nursery = runtime.jobs_nursery = runtime.outer_scope = None
+    fatal, runtime.fatal = runtime.fatal, []
     try:
-        _leave(pending, runtime.fatal)
+        _leave(pending, fatal)
     finally:
         del pending
 
@@ -793,7 +807,7 @@ def _leave(pending: BaseException | None, fatal: list[BaseException]) -> None:
     errors = list(fatal)
     if (
         pending is not None
-        and not isinstance(pending, trio.Cancelled)
+        and split_cancelled(pending)[1] is not None  # not a cancellation (bare or grouped)
         and not any(pending is seen for seen in fatal)  # e.g. re-raised by job.wait()
     ):
         errors.insert(0, pending)
