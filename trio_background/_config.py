@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -68,6 +69,92 @@ def _job_timeout(_: Any, attribute: attrs.Attribute[float | None], value: float 
     check_timeout(attribute.name, value, allow_none=True, allow_zero=False)
 
 
+def _attempts(_: Any, attribute: attrs.Attribute[int], value: int) -> None:
+    check_int(attribute.name, value, 1)
+
+
+def _seconds(_: Any, attribute: attrs.Attribute[float], value: float) -> None:
+    check_timeout(attribute.name, value, allow_none=False, allow_zero=True)
+    if attribute.name == "backoff" and value == math.inf:
+        raise ValueError("backoff must be finite; use max_backoff to cap the delays")
+
+
+def _multiplier(_: Any, attribute: attrs.Attribute[float], value: float) -> None:
+    check_timeout(attribute.name, value, allow_none=False, allow_zero=False)
+    if value < 1 or value == math.inf:
+        raise ValueError(f"multiplier must be >= 1 and finite, got {value!r}")
+
+
+def _jitter(_: Any, attribute: attrs.Attribute[bool], value: bool) -> None:
+    if type(value) is not bool:
+        raise TypeError(f"jitter must be a bool, not {_type_name(value)}")
+
+
+def _exception_types(value: object) -> object:
+    return (value,) if isinstance(value, type) else value
+
+
+def _on(_: Any, attribute: attrs.Attribute[tuple[type[Exception], ...]], value: object) -> None:
+    if value == ():
+        raise ValueError("on must name at least one exception class")
+    if not isinstance(value, tuple):
+        raise TypeError(
+            f"on must be an exception class or a non-empty tuple of them, not {_type_name(value)}"
+        )
+    for item in value:
+        if not (isinstance(item, type) and issubclass(item, Exception)):
+            raise TypeError(
+                f"on must hold Exception subclasses (KeyboardInterrupt, SystemExit and "
+                f"trio.Cancelled are never retried), not {item!r}"
+            )
+
+
+@attrs.frozen(kw_only=True)
+class Retry:
+    """How to retry a job whose run failed: how often, and how long to wait between runs.
+
+    A run that raises an instance of one of ``on`` (a job timeout counts as
+    `trio.TooSlowError`) is run again, up to ``attempts`` runs in all, after
+    ``min(max_backoff, backoff * multiplier ** (n - 1))`` seconds, where ``n`` is the
+    number of the run that failed; with ``jitter``, after a uniformly random delay
+    between 0 and that. Construct it with keywords; instances are immutable and
+    compare by value. A wrong type raises `TypeError` and an out-of-range value
+    `ValueError`; both name the field.
+
+    Args:
+        attempts: Runs in all, the first included (``>= 1``; 1 never retries).
+        backoff: Seconds before the second run (``>= 0``, finite).
+        multiplier: Factor by which each further delay grows (``>= 1``).
+        max_backoff: The longest delay, in seconds (``>= 0``; `math.inf` for none).
+        jitter: Whether to draw each delay uniformly from 0 to its value.
+        on: The exception classes to retry: an `Exception` subclass or a tuple of
+            them.
+    """
+
+    attempts: int = attrs.field(default=3, validator=_attempts)
+    backoff: float = attrs.field(default=1.0, validator=_seconds)
+    multiplier: float = attrs.field(default=2.0, validator=_multiplier)
+    max_backoff: float = attrs.field(default=60.0, validator=_seconds)
+    jitter: bool = attrs.field(default=True, validator=_jitter)
+    on: tuple[type[Exception], ...] = attrs.field(
+        default=(Exception,), converter=_exception_types, validator=_on
+    )
+
+    def delay(self, run: int, random: Callable[[], float]) -> float:
+        """Seconds to wait after run number ``run`` failed (``random()`` in [0, 1))."""
+        try:
+            delay = self.backoff * self.multiplier ** (run - 1)
+        except OverflowError:
+            delay = math.inf
+        delay = min(self.max_backoff, delay)
+        return delay * random() if self.jitter else delay
+
+
+def _retry(_: Any, attribute: attrs.Attribute[Retry | None], value: Retry | None) -> None:
+    if value is not None and not isinstance(value, Retry):
+        raise TypeError(f"retry must be a Retry or None, not {_type_name(value)}")
+
+
 @attrs.frozen(kw_only=True)
 class BackgroundTaskConfig:
     """How a runtime queues, runs and drains jobs.
@@ -84,12 +171,15 @@ class BackgroundTaskConfig:
             before cutting them off (``>= 0``; `math.inf` waits forever).
         job_timeout: Default per-job time limit in seconds (``> 0``), or
             `None` for no limit.
+        retry: Default retry policy of jobs submitted without ``retry=``, or
+            `None` for no retries.
     """
 
     max_queue_size: int = attrs.field(default=1024, validator=_queue_size)
     max_concurrent_tasks: int = attrs.field(default=128, validator=_slots)
     drain_timeout: float = attrs.field(default=30.0, validator=_drain_timeout)
     job_timeout: float | None = attrs.field(default=None, validator=_job_timeout)
+    retry: Retry | None = attrs.field(default=None, validator=_retry)
 
 
 def _name(_: Any, attribute: attrs.Attribute[str], value: str) -> None:
