@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar, final
 import trio
 from trio.lowlevel import disable_ki_protection
 
-from ._config import BackgroundJobMetadata, check_timeout
+from ._config import BackgroundJobMetadata, Retry, check_timeout
 from ._exceptions import JobCancelledError, JobTimeoutError
 
 if sys.version_info < (3, 11):  # pragma: no cover
@@ -29,6 +29,8 @@ T = TypeVar("T")
 
 #: Where a job is in its life (internal states; `BackgroundJob.status` shows the public
 #: name). A job holds a slot exactly while it is STARTING, RUNNING or CANCELLING.
+#: Waiting to become due (a delay, or the backoff before a retry): in the timers.
+SCHEDULED = "scheduled"
 QUEUED = "queued"
 #: Holds a slot; its task has not run the job's code yet (see the runtime's design note).
 STARTING = "starting"
@@ -43,7 +45,8 @@ CANCELLED = "cancelled"
 DROPPED = "dropped"
 
 _PUBLIC_STATUS = {STARTING: RUNNING, CANCELLING: RUNNING}
-_FINAL = frozenset({COMPLETED, FAILED, TIMED_OUT, CANCELLED, DROPPED})
+_FINAL_STATES = (COMPLETED, FAILED, TIMED_OUT, CANCELLED, DROPPED)
+FINAL = frozenset({COMPLETED, FAILED, TIMED_OUT, CANCELLED, DROPPED})
 
 _BUILTIN_TYPES = (
     types.BuiltinFunctionType,
@@ -102,12 +105,12 @@ class BackgroundJob(Generic[T]):
         "_args",
         "_context",
         "_fn",
-        "_metadata",
         "_name",
         "_next",
         "_prev",
         "_request_id",
         "_runtime",
+        "_sched",
         "_seq",
         "_slot",
         "_started_at",
@@ -128,20 +131,23 @@ class BackgroundJob(Generic[T]):
         self._runtime = runtime
         self._fn: Callable[..., object] | None = fn
         self._args: tuple[object, ...] = args
-        self._name: str = name
+        #: The name; once `_meta` was called, the metadata itself (which holds it).
+        self._name: str | BackgroundJobMetadata = name
         self._request_id = request_id
         self._timeout = timeout
         #: A copy of the submitter's context, taken when the job was submitted. The job's
         #: task runs in a copy of it; everything done for the job before that (hooks,
         #: log records) runs in a copy of it too.
         self._context: contextvars.Context | None = None
-        #: Acceptance order, from 1; 0 while not accepted.
+        #: Ready order (for a job without a delay: acceptance order), from 1; 0 while
+        #: not accepted. A job is ready when accepted without a delay, or when due.
         self._seq = 0
+        #: Delay, retries and key, for a job that has any (see `Schedule`).
+        self._sched: Schedule | None = None
         self._state = QUEUED
         #: The slot (a `Lane`) the job holds while it has one.
         self._slot: Any = None
         self._started_at = 0.0
-        self._metadata: BackgroundJobMetadata | None = None
         #: Neighbours in the queue while queued.
         self._prev: BackgroundJob[Any] | None = None
         self._next: BackgroundJob[Any] | None = None
@@ -169,7 +175,8 @@ class BackgroundJob(Generic[T]):
     @property
     def attempt(self) -> int:
         """The number of the job's current or last run (1 plus the retries so far)."""
-        return 1
+        sched = self._sched
+        return 1 if sched is None else sched.attempt
 
     def cancel(self) -> None:
         """Cancel the job. Synchronous, never blocks, and idempotent.
@@ -201,7 +208,7 @@ class BackgroundJob(Generic[T]):
             JobCancelledError: The job was cancelled, or dropped without running.
         """
         self._runtime.check_thread("wait", "run(job.wait)")
-        if self._state in _FINAL:
+        if self._state in FINAL:
             await trio.lowlevel.checkpoint()
         else:
             if _CURRENT.get(None) is self:
@@ -240,9 +247,15 @@ class BackgroundJob(Generic[T]):
     # -- for the runtime ----------------------------------------------------------------
 
     def _meta(self) -> BackgroundJobMetadata:
-        if self._metadata is None:
-            self._metadata = BackgroundJobMetadata(self._name, self._request_id)
-        return self._metadata
+        name = self._name
+        if type(name) is str:
+            name = self._name = BackgroundJobMetadata(name, self._request_id)
+        return name  # type: ignore[return-value]
+
+    def _accepted_seq(self) -> int:
+        """Acceptance order (a job with a delay was accepted before it was ready)."""
+        sched = self._sched
+        return self._seq if sched is None or not sched.accepted else sched.accepted
 
     def _end(self, state: str, value: object = None) -> None:
         """Record the final status (and result or exception) and wake waiting tasks."""
@@ -257,6 +270,40 @@ class BackgroundJob(Generic[T]):
         self._fn = None
         self._args = ()
         self._context = None
+
+
+class Schedule:
+    """What a job with a delay, a retry policy or a key carries besides its record."""
+
+    __slots__ = (
+        "accepted",
+        "attempt",
+        "delay",
+        "due",
+        "job",
+        "key",
+        "place",
+        "retried",
+        "retry",
+    )
+
+    def __init__(self, job: BackgroundJob[Any], retry: Retry | None, key: str | None) -> None:
+        #: The job, while the runtime has it; None once it ended or left the timers.
+        self.job: BackgroundJob[Any] | None = job
+        self.retry = retry
+        self.key = key
+        #: 1 + the retries so far.
+        self.attempt = 1
+        #: The acceptance order of a job accepted with a delay (its ready order differs).
+        self.accepted = 0
+        #: The delay it was submitted with (0: none), and when it is due, while scheduled.
+        self.delay = 0.0
+        self.due = 0.0
+        #: Where a queued job waits: FIFO, RELEASED or LINE (see `Admission`).
+        self.place = 0
+        #: Whether it waits (scheduled or queued) for its second or later run: it then
+        #: holds no queue place.
+        self.retried = False
 
 
 def current_job() -> BackgroundJob[Any]:
@@ -321,13 +368,19 @@ def make_job(
     request_id: object,
     timeout: object,
     default_timeout: float | None,
+    delay: object = None,
+    retry: object = None,
+    key: object = None,
+    default_retry: Retry | None = None,
 ) -> BackgroundJob[Any]:
     """Check what a caller passed to ``spawn``/``send`` and build the job record.
+
+    A job with a delay, a retry policy or a key gets a `Schedule`.
 
     Raises:
         TypeError: ``fn`` is not an async function (a coroutine object, which is closed;
             a builtin; a class; not callable), or an option has the wrong type.
-        ValueError: ``timeout`` is out of range.
+        ValueError: ``timeout`` or ``delay`` is out of range.
     """
     if name is not None and not isinstance(name, str):
         raise TypeError(f"name must be a str or None, not {type(name).__name__}")
@@ -347,12 +400,31 @@ def make_job(
     assert name is None or isinstance(name, str)
     assert request_id is None or isinstance(request_id, str)
     if timeout is None:
-        return BackgroundJob(runtime, fn, args, name, request_id, default_timeout)
-    check_timeout("timeout", timeout, allow_none=True, allow_zero=False)
-    assert isinstance(timeout, (int, float))
-    # math.inf means no limit: the same as None, without a cancel scope.
-    timeout = None if timeout == math.inf else float(timeout)
-    return BackgroundJob(runtime, fn, args, name, request_id, timeout)
+        timeout = default_timeout
+    else:
+        check_timeout("timeout", timeout, allow_none=True, allow_zero=False)
+        assert isinstance(timeout, (int, float))
+        # math.inf means no limit: the same as None, without a cancel scope.
+        timeout = None if timeout == math.inf else float(timeout)
+    if delay is None and retry is None and key is None and default_retry is None:
+        return BackgroundJob(runtime, fn, args, name, request_id, timeout)
+    if delay is not None:
+        check_timeout("delay", delay, allow_none=True, allow_zero=True)
+        assert isinstance(delay, (int, float))
+        if delay == math.inf:
+            raise ValueError("delay must be finite, got inf")
+    if retry is not None and not isinstance(retry, Retry):
+        raise TypeError(f"retry must be a Retry or None, not {type(retry).__name__}")
+    if key is not None and not isinstance(key, str):
+        raise TypeError(f"key must be a str or None, not {type(key).__name__}")
+    job: BackgroundJob[Any] = BackgroundJob(runtime, fn, args, name, request_id, timeout)
+    if retry is None:
+        retry = default_retry
+    if retry is None and key is None and not delay:
+        return job
+    job._sched = sched = Schedule(job, retry, key)
+    sched.delay = float(delay) if delay else 0.0
+    return job
 
 
 @disable_ki_protection

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import sys
 import threading
 from collections.abc import Coroutine
@@ -66,7 +67,7 @@ import trio
 from trio.lowlevel import enable_ki_protection
 
 from ._admission import Admission, HandOff
-from ._config import BackgroundTaskConfig, check_int
+from ._config import BackgroundTaskConfig, Retry, check_int
 from ._instrument import Instruments, Outcome
 from ._job import (
     _CURRENT,
@@ -76,6 +77,7 @@ from ._job import (
     FAILED,
     QUEUED,
     RUNNING,
+    SCHEDULED,
     STARTING,
     TIMED_OUT,
     BackgroundJob,
@@ -127,6 +129,7 @@ class Runtime:
         "instruments",
         "jobs_nursery",
         "outer_scope",
+        "retried",
         "shutdown",
         "thread",
         "timed_out",
@@ -144,6 +147,8 @@ class Runtime:
         self.timed_out = 0
         self.cancelled = 0
         self.dropped = 0
+        #: Retries: runs that failed and were scheduled to run again.
+        self.retried = 0
         #: The thread that entered the block; set on entry.
         self.thread: int | None = None
         self.jobs_nursery: trio.Nursery | None = None
@@ -160,12 +165,29 @@ class Runtime:
         name: object,
         request_id: object,
         timeout: object,
+        delay: object = None,
+        retry: object = None,
+        key: object = None,
     ) -> Job:
         if threading.get_ident() != self.thread:
             if isinstance(fn, Coroutine):
                 fn.close()  # it will never run: no "never awaited" warning for it
             self.check_thread(method, f"run_sync(handle.{method}, ...)")
-        return make_job(self, method, fn, args, name, request_id, timeout, self.config.job_timeout)
+        config = self.config
+        return make_job(
+            self,
+            method,
+            fn,
+            args,
+            name,
+            request_id,
+            timeout,
+            config.job_timeout,
+            delay,
+            retry,
+            key,
+            config.retry,
+        )
 
     # -- running one job ------------------------------------------------------------------
 
@@ -255,6 +277,13 @@ class Runtime:
             dropped = shutdown.cut_off_state()
         else:
             dropped = []
+            if outcome in (FAILED, TIMED_OUT) and job._sched is not None:
+                retry = job._sched.retry
+                if retry is not None and job._sched.attempt < retry.attempts:
+                    reason = trio.TooSlowError() if outcome == TIMED_OUT else error
+                    if isinstance(reason, retry.on):
+                        self.retry(job, retry.delay(job._sched.attempt, random.random), reason)
+                        return
         failure: BaseException | None = None
         if outcome == FAILED:
             self.failed += 1
@@ -290,6 +319,32 @@ class Runtime:
         for other in dropped:
             self.report_dropped(other)
 
+    def retry(self, job: Job, delay: float, reason: BaseException) -> None:
+        """The run of ``job`` failed with ``reason``: it runs again in ``delay`` seconds."""
+        sched = job._sched
+        assert sched is not None
+        assert sched.retry is not None
+        self.retried += 1
+        run = sched.attempt
+        self.admission.retry_later(job, delay)
+        events = self.admission.hand_off(job)
+        # -- the state is complete; now the user code: log handlers, hooks ----------
+        self.report_admitted(events)
+        meta = job._meta()
+        what = (
+            f"timed out after {job._timeout:g} seconds"
+            if isinstance(reason, trio.TooSlowError)
+            else "failed"
+        )
+        self.log_warning(
+            meta,
+            f"{what} on attempt {run} of {sched.retry.attempts}; retrying in {delay:.3g} seconds",
+            None if isinstance(reason, trio.TooSlowError) else reason,
+        )
+        if "job_retrying" in self.instruments.hooks:
+            self.instruments.call("job_retrying", meta, reason, delay)
+        self.report_events(events)
+
     @enable_ki_protection
     def start_failed(self, job: Job, exc: BaseException) -> None:
         """Count ``job``, which holds a slot but whose task could not be started, failed."""
@@ -305,7 +360,7 @@ class Runtime:
     def cancel_job(self, job: Job) -> None:
         self.check_thread("cancel", "run_sync(job.cancel)")
         state = job._state
-        if state is QUEUED:
+        if state is QUEUED or state is SCHEDULED:
             events = self.admission.withdraw(job)
             self.report_admitted(events)  # (first: see finish)
             if "job_dropped" in self.instruments.hooks:
@@ -343,8 +398,10 @@ class Runtime:
     def log_error(self, meta: BackgroundJobMetadata, what: str, exc: BaseException) -> None:
         emit_job(self.interrupted, logging.ERROR, meta, what, exc_info=exc)
 
-    def log_warning(self, meta: BackgroundJobMetadata, what: str) -> None:
-        emit_job(self.interrupted, logging.WARNING, meta, what)
+    def log_warning(
+        self, meta: BackgroundJobMetadata, what: str, exc: BaseException | None = None
+    ) -> None:
+        emit_job(self.interrupted, logging.WARNING, meta, what, exc_info=exc)
 
     def report_finished(
         self,
@@ -450,7 +507,7 @@ class Runtime:
     def statistics(self) -> BackgroundStatistics:
         admission = self.admission
         return BackgroundStatistics(
-            scheduled=0,
+            scheduled=admission.scheduled,
             queued=admission.queued,
             running=admission.limiter.borrowed_tokens,
             completed=self.completed,
@@ -463,7 +520,7 @@ class Runtime:
             max_concurrent_tasks=admission.max_concurrent_tasks,
             closed=self.shutdown.phase is not Phase.OPEN,
             accepted=admission.accepted,
-            retried=0,
+            retried=self.retried,
         )
 
     async def host_jobs(self, *, task_status: trio.TaskStatus[None]) -> None:
@@ -497,6 +554,9 @@ class BackgroundHandle:
         name: str | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
+        delay: float | None = None,
+        retry: Retry | None = None,
+        key: str | None = None,
     ) -> BackgroundJob[T]:
         """Submit ``async_fn(*args)`` as a job, without waiting.
 
@@ -514,6 +574,13 @@ class BackgroundHandle:
             request_id: An id tying the job to a request, for logs and reports.
             timeout: Seconds the job may run before it is cancelled and counted
                 as ``timed_out``; overrides `BackgroundTaskConfig.job_timeout`.
+            delay: Seconds to wait before the job becomes ready to start (it
+                counts ``scheduled`` until then, holding a queue place but no
+                slot); `None` or 0 for none.
+            retry: How to retry the job when a run fails; overrides
+                `BackgroundTaskConfig.retry`.
+            key: Jobs with the same key never run at the same time, and start
+                in the order they became ready.
 
         Returns:
             The job, to follow, wait for or cancel.
@@ -529,7 +596,9 @@ class BackgroundHandle:
             RuntimeError: Called from a thread other than the runtime's.
         """
         runtime = self._runtime
-        job = runtime.make_job("spawn", async_fn, args, name, request_id, timeout)
+        job = runtime.make_job(
+            "spawn", async_fn, args, name, request_id, timeout, delay, retry, key
+        )
         runtime.admission.spawn(job)
         return job
 
@@ -540,6 +609,9 @@ class BackgroundHandle:
         name: str | None = None,
         request_id: str | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 (a per-job limit, not for this call)
+        delay: float | None = None,
+        retry: Retry | None = None,
+        key: str | None = None,
     ) -> BackgroundJob[T]:
         """Submit ``async_fn(*args)`` as a job, waiting while the queue is full.
 
@@ -557,7 +629,7 @@ class BackgroundHandle:
             RuntimeError: Called from a thread other than the runtime's.
         """
         runtime = self._runtime
-        job = runtime.make_job("send", async_fn, args, name, request_id, timeout)
+        job = runtime.make_job("send", async_fn, args, name, request_id, timeout, delay, retry, key)
         await runtime.admission.send(job)
         return job
 

@@ -39,7 +39,7 @@ class Phase(enum.Enum):
 class Shutdown:
     """The phase, what shutdown waits on, the cut-off and the jobs it cut."""
 
-    __slots__ = ("cancelled", "done", "dropped", "idle_lot", "phase", "runtime")
+    __slots__ = ("cancelled", "deadline", "done", "dropped", "idle_lot", "phase", "runtime", "wake")
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -51,6 +51,10 @@ class Shutdown:
         #: (acceptance number, metadata) of the jobs the cut-off cancelled / dropped.
         self.cancelled: list[tuple[int, BackgroundJobMetadata]] = []
         self.dropped: list[tuple[int, BackgroundJobMetadata]] = []
+        #: When the drain's deadline passes (trio time), once draining.
+        self.deadline = math.inf
+        #: Set to wake aclose() when it may be done: idle, or only late timers left.
+        self.wake: trio.Event | None = None
 
     def became_idle(self) -> None:
         """Nothing is queued or running: wake wait_idle(), and end a closed runtime."""
@@ -59,6 +63,22 @@ class Shutdown:
         if self.phase is Phase.DRAINING or self.phase is Phase.CUT_OFF:
             self.phase = Phase.CLOSED
             self.done.set()
+        self.nudge()
+
+    def nudge(self) -> None:
+        """Nothing is queued or running: wake aclose() to see whether only late timers remain."""
+        if self.wake is not None and self.phase is Phase.DRAINING:
+            self.wake.set()
+
+    def only_late_jobs(self) -> bool:
+        """Whether all that is left are scheduled jobs due after the drain's deadline."""
+        admission = self.runtime.admission
+        return (
+            not admission.queued
+            and not admission.limiter.borrowed_tokens
+            and admission.scheduled > 0
+            and admission.next_due() > self.deadline
+        )
 
     async def wait_idle(self) -> None:
         if self.runtime.admission.is_idle():
@@ -97,8 +117,7 @@ class Shutdown:
             return []
         self.phase = Phase.CUT_OFF
         dropped: list[Job] = []
-        while admission.queued:
-            job = admission.pop()
+        for job in admission.drop_all():
             self.count_dropped(job)
             dropped.append(job)
         # Jobs holding a slot: running ones are cancelled; one whose task has not run
@@ -112,7 +131,7 @@ class Shutdown:
     def count_dropped(self, job: Job) -> None:
         self.runtime.dropped += 1
         job._end(DROPPED)
-        self.dropped.append((job._seq, job._meta()))
+        self.dropped.append((job._accepted_seq(), job._meta()))
 
     @enable_ki_protection
     def drop_unstarted(self, job: Job) -> None:
@@ -131,10 +150,18 @@ class Shutdown:
     async def aclose(self, drain_timeout: float) -> None:
         # Only the first call drains against the deadline; later ones wait for it.
         first = self.phase is Phase.OPEN
+        if first:
+            self.deadline = trio.current_time() + drain_timeout
         self.close_intake()
         try:
             with trio.move_on_after(drain_timeout if first else math.inf):
-                await self.done.wait()
+                if not first:
+                    await self.done.wait()
+                while not self.done.is_set():
+                    if self.only_late_jobs():
+                        break  # nothing left runs before the deadline: cut off now
+                    self.wake = trio.Event()
+                    await self.wake.wait()
         except BaseException:
             await self.cut_off_and_wait()
             raise
@@ -162,8 +189,15 @@ class Shutdown:
             parts.append(f"cancelled {_jobs(len(cancelled))} still running ({_names(cancelled)})")
         if dropped:
             parts.append(f"dropped {_jobs(len(dropped))} never started ({_names(dropped)})")
+        if trio.current_time() < self.deadline:
+            head = (
+                f"drain cut short: only jobs due after its {drain_timeout:g}-second "
+                f"deadline were left: "
+            )
+        else:
+            head = f"drain timed out after {drain_timeout:g} seconds: "
         return BackgroundShutdownError(
-            f"drain timed out after {drain_timeout:g} seconds: " + "; ".join(parts),
+            head + "; ".join(parts),
             cancelled=cancelled,
             dropped=dropped,
             statistics=self.runtime.statistics(),
