@@ -37,6 +37,7 @@ CONTRACT_NAMES = {
     "current_job",
     "JobCancelledError",
     "JobTimeoutError",
+    "Retry",
 }
 
 

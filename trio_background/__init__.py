@@ -2,6 +2,7 @@
 
 from ._config import BackgroundJobMetadata as BackgroundJobMetadata
 from ._config import BackgroundTaskConfig as BackgroundTaskConfig
+from ._config import Retry as Retry
 from ._exceptions import BackgroundJobError as BackgroundJobError
 from ._exceptions import BackgroundShutdownError as BackgroundShutdownError
 from ._exceptions import BackgroundSpawnError as BackgroundSpawnError
@@ -32,6 +33,7 @@ __all__ = [
     "JobCancelledError",
     "JobTimeoutError",
     "QueueFullError",
+    "Retry",
     "RuntimeClosedError",
     "__version__",
     "current_job",

@@ -282,6 +282,8 @@ class Runtime:
                 if retry is not None and job._sched.attempt < retry.attempts:
                     reason = trio.TooSlowError() if outcome == TIMED_OUT else error
                     if isinstance(reason, retry.on):
+                        assert reason is not None
+                        reason.__traceback__ = without_runtime_frames(reason.__traceback__)
                         self.retry(job, retry.delay(job._sched.attempt, random.random), reason)
                         return
         failure: BaseException | None = None
@@ -459,7 +461,15 @@ class Runtime:
 
     def report_dropped(self, job: Job) -> None:
         meta = job._meta()
-        self.in_context(job, self.log_warning, meta, "dropped at shutdown without starting")
+        sched = job._sched
+        if sched is not None and sched.attempt > 1 and sched.retry is not None:
+            what = (
+                f"dropped at shutdown while waiting to retry "
+                f"(attempt {sched.attempt} of {sched.retry.attempts})"
+            )
+        else:
+            what = "dropped at shutdown without starting"
+        self.in_context(job, self.log_warning, meta, what)
         if "job_dropped" in self.instruments.hooks:
             self.call_hook(job, "job_dropped")
         job._release()
