@@ -915,3 +915,67 @@ def test_ctrl_c_while_a_slot_starts_leaves_the_block_and_strands_nothing(line: s
     stats = box[0].statistics()
     check_invariants(stats)
     assert (stats.queued, stats.running) == (0, 0)
+
+
+async def test_a_job_whose_task_could_not_start_keeps_nothing_of_other_jobs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # "b" gets its slot from "a"; starting b's task raises. b's handle keeps b's exception
+    # (without the runtime's frames, which would hold "a" and a's result), and no cycle.
+    real = trio.Nursery.start_soon
+    starts = 0
+
+    class StartFailure(MemoryError):
+        pass
+
+    def start_soon(self: trio.Nursery, *args: Any, **kwargs: Any) -> None:
+        nonlocal starts
+        if kwargs.get("name") == "trio_background job":
+            starts += 1
+            if starts == 2:
+                raise StartFailure("no room for a task")
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(trio.Nursery, "start_soon", start_soon)
+    monkeypatch.setattr(logging.getLogger("trio_background"), "disabled", True)
+    things = [Thing()]
+    arg = weakref.ref(things[0])
+
+    async def producer(thing: Thing) -> Thing:
+        return Thing()
+
+    gc.collect()
+    gc.disable()
+    try:
+        async with open_background_runtime(config(max_concurrent_tasks=1)) as runtime:
+            handle = runtime.handle()
+            a = handle.spawn(producer, things.pop(), name="a")
+            b = handle.spawn(returns, "b", name="b")
+            result = weakref.ref(await a.wait())
+            del a
+            await runtime.wait_idle()
+        assert b.status == "failed"
+        assert result() is None
+        assert arg() is None
+        with pytest.raises(StartFailure) as info:
+            await b.wait()
+        error = weakref.ref(info.value)
+        del info, b
+        assert error() is None
+    finally:
+        gc.enable()
+
+
+def test_cancel_after_the_cut_off_leaves_an_unstarted_job_to_the_cut_off() -> None:
+    recorder = Recorder()
+    jobs: list[BackgroundJob[Any]] = []
+
+    async def main() -> None:
+        async with open_background_runtime(config(), instruments=[recorder]) as runtime:
+            jobs.append(runtime.handle().spawn(trio.sleep_forever, name="late"))
+            runtime._runtime.shutdown.cut_off()  # as when the body raises, before it runs
+            jobs[0].cancel()  # the cut-off already owns it
+
+    trio.run(main)
+    assert jobs[0].status == "dropped"
+    assert [hook for hook, name in recorder.pairs() if name == "late"] == ["accepted", "dropped"]

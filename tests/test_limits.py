@@ -206,3 +206,35 @@ async def test_shrink_then_grow_before_the_excess_drained(
             # Work conservation: a job waits only while every slot is busy.
             assert not stats.queued or stats.running == 3
     assert all_counts(runtime.statistics()) == expected(completed=8)
+
+
+def _slot_tasks() -> int:
+    """Tasks named like the runtime's slot hosts, anywhere in this Trio run."""
+    count = 0
+    stack = [trio.lowlevel.current_root_task()]
+    while stack:
+        task = stack.pop()
+        if task is None:
+            continue
+        count += task.name == "trio_background slot"
+        stack.extend(t for n in task.child_nurseries for t in n.child_tasks)
+    return count
+
+
+async def test_slots_host_tasks_stay_within_the_slots_after_a_shrink(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_background_runtime(
+        config(max_concurrent_tasks=2, max_queue_size=50)
+    ) as runtime:
+        handle = runtime.handle()
+        for _ in range(40):
+            handle.spawn(trio.sleep, 1)
+        await trio.testing.wait_all_tasks_blocked()
+        assert _slot_tasks() == 2
+        runtime.resize(max_concurrent_tasks=1)
+        for _ in range(5):
+            await trio.sleep(1)
+            await trio.testing.wait_all_tasks_blocked()
+        assert runtime.statistics().running == 1
+        assert _slot_tasks() == 1

@@ -656,7 +656,7 @@ class Admission:
     ) -> HandOff:
         """Count ``job``, whose task could not be started, failed; give ``lane`` back."""
         self.runtime.failed += 1
-        job._end(FAILED, (exc, exc.__traceback__))
+        job._end(FAILED, (exc, None))  # (its traceback: see report_start_failure)
         sched = job._sched
         if sched is not None:
             if sched.key is not None:
@@ -832,7 +832,8 @@ class Admission:
         if self.excess:  # (the slots were shrunk below the jobs running)
             self.excess = max(0, self.limiter.borrowed_tokens - self.max_concurrent_tasks)
         if lane.alive and lane.start_task is not None:
-            if len(self.free_lanes) < self.max_concurrent_tasks:
+            # Lanes in use and free ones together stay within the slots (after a shrink too).
+            if len(self.free_lanes) + self.limiter.borrowed_tokens < self.max_concurrent_tasks:
                 self.free_lanes.append(lane)
             else:
                 lane.kill()

@@ -351,7 +351,7 @@ class Runtime:
     def start_failed(self, job: Job, exc: BaseException) -> None:
         """Count ``job``, which holds a slot but whose task could not be started, failed."""
         self.failed += 1
-        job._end(FAILED, (exc, exc.__traceback__))
+        job._end(FAILED, (exc, None))  # (its traceback: see report_start_failure)
         events = self.admission.hand_off(job)
         self.report_start_failure(job, exc)
         self.report_events(events)
@@ -369,9 +369,11 @@ class Runtime:
                 self.call_hook(job, "job_dropped")
             job._release()
             self.report_events(events)
+        elif self.cut_off_begun():
+            return  # the cut-off cancels it (or drops it, if its code has not run yet)
         elif state is STARTING:
             job._state = CANCELLING  # its task finds this first and does not run it
-        elif state is RUNNING and not self.cut_off_begun():  # (the cut-off cancels it)
+        elif state is RUNNING:
             job._state = CANCELLING
             job._slot.kill()
 
@@ -448,6 +450,9 @@ class Runtime:
     def report_start_failure(self, job: Job, exc: BaseException) -> None:
         meta = job._meta()
         self.in_context(job, self.log_error, meta, "failed: its task could not be started", exc)
+        # Its traceback is the runtime's and Trio's frames, which hold this job and the one
+        # that handed it its slot: once logged, the job keeps the exception without it.
+        exc.__traceback__ = None
         instruments = self.instruments
         if "job_started" in instruments.hooks:
             self.in_context(job, instruments.call, "job_started", meta)
