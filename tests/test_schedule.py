@@ -390,3 +390,72 @@ async def test_cut_off_drops_jobs_in_every_waiting_state(
     assert [j.status for j in jobs] == ["cancelled", "dropped", "dropped", "dropped"]
     assert [m.name for m in info.value.dropped] == ["line", "queued", "scheduled"]
     assert stats_of(runtime) == counted(cancelled=1, dropped=3)
+
+
+# -- ordering invariants, over random plans -------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(40))
+async def test_keys_ready_order_and_work_conservation_over_random_plans(
+    seed: int, autojump_clock: trio.testing.MockClock
+) -> None:
+    import random
+
+    rng = random.Random(seed)
+    slots = rng.randint(1, 4)
+    running: dict[str | None, int] = {}
+    started: list[tuple[float, int, str | None]] = []
+    ready_at: dict[int, float] = {}
+    problems: list[str] = []
+    jobs: list[BackgroundJob[Any]] = []
+
+    async def work(i: int, key: str | None, seconds: float) -> None:
+        if key is not None and running.get(key):
+            problems.append(f"job {i}: key {key} already running")
+        running[key] = running.get(key, 0) + 1
+        started.append((trio.current_time(), i, key))
+        await trio.sleep(seconds)
+        running[key] -= 1
+
+    def conserving() -> None:
+        s = runtime.statistics()
+        check_invariants(s)
+        # Work conservation: with a free slot, no queued job may have a free key.
+        if s.running < s.max_concurrent_tasks:
+            busy = {k for k, n in running.items() if n}
+            for job in jobs:
+                if job.status == "queued":
+                    key = keys[id(job)]
+                    if (
+                        key is None
+                        or key not in busy
+                        and not any(
+                            keys[id(o)] == key and o.status in ("running", "scheduled")
+                            for o in jobs
+                            if o is not job and o.status != "queued"
+                        )
+                    ):
+                        problems.append(f"free slot while a ready job waits: {s}")
+                        return
+
+    keys: dict[int, str | None] = {}
+    cfg = config(max_concurrent_tasks=slots, max_queue_size=200)
+    async with open_background_runtime(cfg) as runtime:
+        handle = runtime.handle()
+        for i in range(60):
+            key = rng.choice([None, "a", "b", "c"])
+            delay = rng.choice([None, None, 0.5, 1.5])
+            job = handle.spawn(work, i, key, rng.choice([0.25, 0.5, 1.0]), key=key, delay=delay)
+            jobs.append(job)
+            keys[id(job)] = key
+            ready_at[i] = trio.current_time() + (delay or 0)
+            if rng.random() < 0.3:
+                await trio.sleep(rng.choice([0.25, 0.5]))
+                await trio.testing.wait_all_tasks_blocked()
+                conserving()
+    assert problems == []
+    # Per key: starts in ready order (ties by acceptance order).
+    for key in ("a", "b", "c"):
+        order = [i for _, i, k in started if k == key]
+        assert order == sorted(order, key=lambda i: (ready_at[i], i)), (key, order)
+    assert all(job.status == "completed" for job in jobs)
