@@ -426,9 +426,8 @@ async def test_keys_ready_order_and_work_conservation_over_random_plans(
             for job in jobs:
                 if job.status == "queued":
                     key = keys[id(job)]
-                    if (
-                        key is None
-                        or key not in busy
+                    if key is None or (
+                        key not in busy
                         and not any(
                             keys[id(o)] == key and o.status in ("running", "scheduled")
                             for o in jobs
