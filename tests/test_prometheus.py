@@ -35,6 +35,7 @@ def snapshot(registry: CollectorRegistry, job: str) -> dict[str, float | None]:
             "jobs_accepted_total",
             "jobs_rejected_total",
             "jobs_dropped_total",
+            "jobs_retried_total",
             "jobs_queued",
             "jobs_running",
         )
@@ -53,6 +54,7 @@ def expected(**values: float) -> dict[str, float | None]:
             "jobs_accepted_total",
             "jobs_rejected_total",
             "jobs_dropped_total",
+            "jobs_retried_total",
             "jobs_queued",
             "jobs_running",
             "completed",
@@ -446,3 +448,31 @@ async def test_gauges_stay_exact_when_jobs_are_cancelled_through_their_handles(
     assert stats.dropped + stats.cancelled + stats.completed == 8
     assert stats.dropped >= 2
     assert stats.cancelled >= 2
+
+
+async def test_retries_are_counted_and_the_gauges_stay_exact(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    registry = CollectorRegistry()
+    instrument = PrometheusInstrument(registry)
+    runs = 0
+
+    async def flaky() -> None:
+        nonlocal runs
+        runs += 1
+        await trio.sleep(1)
+        if runs < 3:
+            raise ValueError("again")
+
+    retry = trio_background.Retry(attempts=3, backoff=1.0, jitter=False)
+    config = BackgroundTaskConfig(drain_timeout=60)
+    async with open_background_runtime(config, instruments=[instrument]) as runtime:
+        runtime.handle().spawn(flaky, name="flaky", retry=retry)
+        await trio.sleep(1.5)  # the first run failed at 1; the retry is due at 2
+        assert snapshot(registry, "flaky") == expected(
+            jobs_accepted_total=1, jobs_retried_total=1, jobs_queued=1
+        )
+    assert snapshot(registry, "flaky") == expected(
+        jobs_accepted_total=1, jobs_retried_total=2, completed=1
+    )
+    assert value(registry, "trio_background_job_duration_seconds_count", job="flaky") == 1

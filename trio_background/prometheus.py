@@ -68,9 +68,12 @@ class PrometheusInstrument(BackgroundInstrument):
       shutdown without starting.
     - ``trio_background_jobs_finished_total`` (counter): jobs that started and
       ended, by ``outcome``.
+    - ``trio_background_jobs_retried_total`` (counter): runs that failed and
+      were scheduled to run again.
     - ``trio_background_job_duration_seconds`` (histogram): seconds from a job's
       start to its end, whatever the outcome.
-    - ``trio_background_jobs_queued`` (gauge): jobs accepted but not started.
+    - ``trio_background_jobs_queued`` (gauge): jobs accepted but not running:
+      queued, scheduled, or waiting to be retried.
     - ``trio_background_jobs_running`` (gauge): jobs running now.
 
     One instrument may serve several runtimes at once; its gauges then add up
@@ -128,6 +131,13 @@ class PrometheusInstrument(BackgroundInstrument):
             namespace=namespace,
             registry=None,
         )
+        self._retried = Counter(
+            "jobs_retried",
+            "Runs of background jobs that failed and were scheduled to run again.",
+            ["job"],
+            namespace=namespace,
+            registry=None,
+        )
         self._duration = Histogram(
             "job_duration_seconds",
             "Seconds from a background job's start to its end.",
@@ -155,6 +165,7 @@ class PrometheusInstrument(BackgroundInstrument):
             self._rejected,
             self._dropped,
             self._finished,
+            self._retried,
             self._duration,
             self._queued,
             self._running,
@@ -179,6 +190,7 @@ class PrometheusInstrument(BackgroundInstrument):
             self._accepted,
             self._rejected,
             self._dropped,
+            self._retried,
             self._duration,
             self._queued,
             self._running,
@@ -229,6 +241,20 @@ class PrometheusInstrument(BackgroundInstrument):
         self._running.labels(job.name).dec()
         self._finished.labels(job.name, outcome).inc()
         self._duration.labels(job.name).observe(duration)
+
+    def job_retrying(
+        self, job: BackgroundJobMetadata, exception: BaseException, delay: float
+    ) -> None:
+        """Count a retry: the job is no longer running, and waits to run again.
+
+        Args:
+            job: The job's metadata.
+            exception: What the run raised.
+            delay: Seconds until the job is due again.
+        """
+        self._running.labels(job.name).dec()
+        self._queued.labels(job.name).inc()
+        self._retried.labels(job.name).inc()
 
     def job_dropped(self, job: BackgroundJobMetadata) -> None:
         """Count the job as dropped and no longer queued.
