@@ -18,7 +18,7 @@ from typing import Any
 DOCS = Path(__file__).resolve().parent
 ROOT = DOCS.parent
 sys.path.insert(0, str(ROOT))  # document the source tree, not an installed copy
-sys.path.insert(0, str(DOCS))  # for _inventories
+sys.path.insert(0, str(DOCS))  # for _inventories and _timeline
 
 import _inventories  # noqa: E402
 
@@ -162,9 +162,19 @@ def _check_attributes_documented(app: Any, env: Any) -> None:
         )
 
 
+def _draw_timeline(app: Any) -> None:
+    # The figure in semantics.rst ("Ready order"): drawn from a real run on every
+    # build (see docs/_timeline.py), into docs/_generated/ (gitignored), before any
+    # page is read. A run that breaks the scheduling rules fails the build here.
+    import _timeline
+
+    _timeline.write(DOCS / "_generated" / "timeline.svg")
+
+
 def setup(app: Any) -> dict[str, Any]:
     # Runs before intersphinx validates the mapping (priority 800).
     app.connect("config-inited", _use_offline_inventories, priority=400)
     app.connect("env-check-consistency", _check_attributes_documented)
     app.connect("missing-reference", _resolve_type_checking_names)
+    app.connect("builder-inited", _draw_timeline)
     return {"parallel_read_safe": True}
