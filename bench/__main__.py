@@ -45,6 +45,7 @@ SECTIONS = (
     "instruments",
     "send",
     "release",
+    "scheduling",
 )
 
 
@@ -140,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         elif key == "release":
             sections[key] = scenarios.release(tb, sizes, count_instructions=args.instructions)
+        elif key == "scheduling":
+            sections[key] = scenarios.scheduling(tb, sizes)
         else:
             sections[key] = scenarios.send(tb, sizes)
         log(f"{key}: {time.perf_counter() - section_started:,.1f} s")

@@ -7,7 +7,7 @@ import math
 import time
 import tracemalloc
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import trio
 import trio.testing
@@ -16,6 +16,7 @@ from ._peers import latency_jobs, noop
 from ._util import Timing, clock, since
 
 perf_counter = time.perf_counter
+process_time = time.process_time
 
 
 def _config(tb: ModuleType, *, queue: int, cap: int) -> Any:
@@ -54,6 +55,93 @@ def burst(
         return elapsed
 
     return trio.run(main)
+
+
+SCHEDULING_VARIANTS = ("plain", "delayed", "keyed")
+SCHEDULING_KEYS = 1000
+
+
+def scheduling_delays(n: int) -> list[float]:
+    """``n`` delays spread over 0 to 9.99 s, deterministically (1,000 distinct values)."""
+    return [(i * 7919 % 1000) / 100 for i in range(n)]
+
+
+def scheduling_keys(n: int) -> list[str]:
+    """``n`` keys, ``SCHEDULING_KEYS`` distinct ones, taken in turn."""
+    return [f"k{i % SCHEDULING_KEYS}" for i in range(n)]
+
+
+class ScheduledRun(NamedTuple):
+    """One run of `scheduled_burst`: timings, and the CPU seconds the cyclic GC took."""
+
+    spawn: Timing  # the spawn loop alone
+    whole: Timing  # opening the runtime to the end of the drain
+    spawn_gc: float  # of ``spawn.cpu``, in garbage collections
+    whole_gc: float  # of ``whole.cpu``, in garbage collections
+
+
+class _GCTime:
+    """A `gc.callbacks` entry adding up the CPU time of each collection."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self._start = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._start = process_time()
+        else:
+            self.total += process_time() - self._start
+
+
+def scheduled_burst(tb: ModuleType, n: int, cap: int, variant: str) -> ScheduledRun:
+    """``n`` x ``handle.spawn(noop)`` (``plain``), with ``delay=`` (``delayed``) or with
+    ``key=`` (``keyed``) into a queue of ``n``, then leave the block (drain).
+
+    Runs under ``trio.testing.MockClock(autojump_threshold=0)``, whatever the variant, so
+    that the delays cost no wall time. Times the spawn loop alone and the whole run
+    (opening the runtime to the end of the drain), and how much of each went to the
+    cyclic garbage collector. The delays and keys are built before either timing starts.
+    """
+    if variant not in SCHEDULING_VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}")
+    delays = scheduling_delays(n) if variant == "delayed" else []
+    keys = scheduling_keys(n) if variant == "keyed" else []
+    gc_time = _GCTime()
+
+    async def main() -> ScheduledRun:
+        t0 = clock()
+        async with tb.open_background_runtime(_config(tb, queue=n, cap=cap)) as runtime:
+            handle = runtime.handle()
+            gc0 = gc_time.total
+            s0 = clock()
+            if variant == "delayed":
+                for d in delays:
+                    handle.spawn(noop, delay=d)
+            elif variant == "keyed":
+                for k in keys:
+                    handle.spawn(noop, key=k)
+            else:
+                for _ in range(n):
+                    handle.spawn(noop)
+            spawned = since(s0)
+            spawn_gc = gc_time.total - gc0
+        elapsed = since(t0)
+        _check(runtime, n)
+        stats = runtime.statistics()
+        if stats.timed_out or stats.rejected or stats.scheduled or stats.queued or stats.running:
+            raise AssertionError(f"benchmark run went wrong: {stats!r}")
+        # The delayed jobs waited for their (virtual) delays; the others waited for nothing.
+        waited = trio.current_time()
+        if not (waited >= max(delays) if delays else waited == 0):
+            raise AssertionError(f"{variant}: the mock clock ended at {waited} s")
+        return ScheduledRun(spawned, elapsed, spawn_gc, gc_time.total)
+
+    gc.callbacks.append(gc_time)
+    try:
+        return trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    finally:
+        gc.callbacks.remove(gc_time)
 
 
 def steady(tb: ModuleType, n: int, cap: int, queue: int, producers: int) -> Timing:

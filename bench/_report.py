@@ -278,6 +278,37 @@ def _panels(sections: dict[str, Section]) -> list[_Panel]:
                 ],
             )
         )
+    sched = sections.get("scheduling")
+    if sched is not None and "spawn_cpu_per_job" in sched.data:
+        d = sched.data
+        flat = d["flatness"]["spawn"]
+        panels.append(
+            _Panel(
+                f"9. Scheduling: bursts of {d['n']:,} and {d['small']:,} no-op jobs, "
+                f"mock clock, {d['rounds']} rounds",
+                "CPU time per job, lower is better; bar: median, whisker: min-max of the rounds",
+                [
+                    _Series("spawn loop", d["spawn_cpu_per_job"], "#1b9e77"),
+                    _Series("whole run", d["whole_cpu_per_job"], "#e7298a"),
+                ],
+                lambda v: f"{v:,.1f} µs",
+                scale=1e6,
+                footnotes=[
+                    "spawn loop at N / at N/5, median of per-round ratios: "
+                    + ", ".join(f"{v} {median(r):.2f}x" for v, r in flat.items())
+                    + " (bar: delayed and keyed <= 2x)"
+                    + (
+                        "; less the cyclic GC's share: "
+                        + ", ".join(
+                            f"{v} {median(r):.2f}x"
+                            for v, r in d["flatness"]["spawn_less_gc"].items()
+                        )
+                        if "spawn_less_gc" in d["flatness"]
+                        else ""
+                    )
+                ],
+            )
+        )
     return panels
 
 
