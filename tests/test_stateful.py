@@ -1089,13 +1089,6 @@ class Harness:
 # The state machine
 # --------------------------------------------------------------------------------------
 
-#: KNOWN RUNTIME BUG (reported; not modelled, not worked around in the model): after a
-#: cut-off, while the block is still open, a resize() that lowers max_concurrent_tasks
-#: raises AssertionError (``Lane.kill`` on a free lane whose host task died with the
-#: cut-off) and leaves the new limit set despite the error. Until that is fixed, such a
-#: resize keeps the slots as they are; set this to True to draw it again (the test then
-#: fails on the bug).
-SHRINK_SLOTS_AFTER_CUT_OFF = False
 
 #: New limits for resize(): None keeps a limit; small values shrink below what is there.
 resizes = st.builds(
@@ -1181,16 +1174,9 @@ class RuntimeMachine(RuleBasedStateMachine):
         if kind == "cancel":
             return self.draw_cancel(data)
         if kind == "resize":
-            return self.allowed(data.draw(resizes, label="resize"))
+            return data.draw(resizes, label="resize")
         name = data.draw(st.sampled_from(self.releasable()), label="release")
         return Release(name, data.draw(st.sampled_from(["complete", "fail"]), label="outcome"))
-
-    def allowed(self, op: Resize) -> Resize:
-        """``op``, unless it would hit the known bug (see SHRINK_SLOTS_AFTER_CUT_OFF)."""
-        m = self.model
-        if m.cut and not SHRINK_SLOTS_AFTER_CUT_OFF and op.slots is not None and op.slots < m.cap:
-            return Resize(None, op.places)
-        return op
 
     def note_resize(self, op: Resize) -> None:
         m = self.model
@@ -1232,7 +1218,6 @@ class RuntimeMachine(RuleBasedStateMachine):
 
     @rule(op=resizes)
     def resize(self, op: Resize) -> None:
-        op = self.allowed(op)
         self.note_resize(op)
         self.run_burst([op], [self.model.expect(op)])
 
