@@ -11,6 +11,7 @@ from helpers import Recorder, all_counts, check_invariants, expected
 
 from trio_background import (
     BackgroundJob,
+    BackgroundShutdownError,
     BackgroundTaskConfig,
     QueueFullError,
     open_background_runtime,
@@ -238,3 +239,19 @@ async def test_slots_host_tasks_stay_within_the_slots_after_a_shrink(
             await trio.testing.wait_all_tasks_blocked()
         assert runtime.statistics().running == 1
         assert _slot_tasks() == 1
+
+
+async def test_shrinking_after_the_cut_off_is_harmless(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_background_runtime(config(max_concurrent_tasks=2, drain_timeout=0)) as runtime:
+        handle = runtime.handle()
+        handle.spawn(trio.sleep_forever)
+        handle.spawn(trio.sleep_forever)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(BackgroundShutdownError):
+            await runtime.aclose()
+        await trio.testing.wait_all_tasks_blocked()  # the slots' host tasks have ended
+        runtime.resize(max_concurrent_tasks=1)
+        assert runtime.statistics().max_concurrent_tasks == 1
+    assert all_counts(runtime.statistics()) == expected(cancelled=2)

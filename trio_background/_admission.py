@@ -58,8 +58,8 @@ class Lane:
     def kill(self) -> None:
         """Cancel the job running in this lane; the lane is not used again."""
         self.alive = False
-        assert self.nursery is not None
-        self.nursery.cancel_scope.cancel()
+        if self.nursery is not None:  # (None: its host task has ended already)
+            self.nursery.cancel_scope.cancel()
 
 
 class HandOff:

@@ -121,9 +121,11 @@ class Shutdown:
             self.count_dropped(job)
             dropped.append(job)
         # Jobs holding a slot: running ones are cancelled; one whose task has not run
-        # yet finds the cut-off on its first step and counts itself dropped.
+        # yet finds the cut-off on its first step and counts itself dropped. The lanes'
+        # host tasks end with the cut-off: no free lane is used again.
         assert runtime.jobs_nursery is not None
         runtime.jobs_nursery.cancel_scope.cancel()
+        admission.free_lanes.clear()
         if admission.is_idle():
             self.became_idle()
         return dropped
