@@ -458,3 +458,26 @@ async def test_keys_ready_order_and_work_conservation_over_random_plans(
         order = [i for _, i, k in started if k == key]
         assert order == sorted(order, key=lambda i: (ready_at[i], i)), (key, order)
     assert all(job.status == "completed" for job in jobs)
+
+
+async def test_an_aclose_waiting_on_the_drain_returns_as_soon_as_a_cut_off_ends_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # aclose() drains with a 100 s deadline; at 1 s the block's body is cancelled, which
+    # cuts the runtime off: the waiting aclose() must return then, not at the deadline.
+    returned: list[float] = []
+
+    async def closer(runtime: Any) -> None:
+        try:
+            await runtime.aclose()
+        finally:
+            returned.append(trio.current_time())
+
+    t0 = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        with trio.move_on_after(1):  # cancels the body from outside: a cut-off
+            async with open_background_runtime(config(drain_timeout=100)) as runtime:
+                runtime.handle().spawn(trio.sleep_forever)
+                nursery.start_soon(closer, runtime)
+                await trio.sleep_forever()
+    assert [t - t0 for t in returned] == [1]

@@ -63,6 +63,8 @@ class Shutdown:
         if self.phase is Phase.DRAINING or self.phase is Phase.CUT_OFF:
             self.phase = Phase.CLOSED
             self.done.set()
+            if self.wake is not None:  # aclose() waits on this, not on done
+                self.wake.set()
         self.nudge()
 
     def nudge(self) -> None:
