@@ -28,7 +28,9 @@ from . import (
     BackgroundStatistics,
     BackgroundTaskConfig,
     QueueFullError,
+    Retry,
     RuntimeClosedError,
+    current_job,
     open_background_runtime,
 )
 
@@ -92,7 +94,7 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoOptions:
 # send()`` (must not be lost) rather than ``spawn()``, and the error they fail with.
 _KINDS = {
     "send_email": (25, 1.5, None, 0.04, 0.005, True, BackgroundJobError, "SMTP 451 try later"),
-    "warm_cache": (25, 0.5, 2.0, 0.01, 0.03, False, ConnectionError, "redis refused"),
+    "warm_cache": (25, 0.5, 2.0, 0.1, 0.03, False, ConnectionError, "redis refused"),
     "write_audit": (30, 0.3, None, 0.005, 0.0, True, OSError, "audit log is read-only"),
     "resize_image": (10, 3.0, None, 0.03, 0.0, False, ValueError, "cannot decode the image"),
     "call_webhook": (10, 1.5, None, 0.08, 0.05, False, ConnectionError, "webhook returned 503"),
@@ -109,13 +111,15 @@ class PlannedJob(NamedTuple):
     timeout: float | None = None  # None: the config's job_timeout
     wait: bool = False  # submitted with ``await handle.send(...)``, not ``handle.spawn(...)``
     hang: bool = False
-    failure: Exception | None = None  # raised after working
+    failure: Exception | None = None  # raised after working (only the first run, if retried)
+    key: str | None = None  # webhooks: one customer's never overlap
+    retry: Retry | None = None  # cache warm-ups: a refused connection is tried again
 
     async def run(self) -> None:
         if self.hang:
             await trio.sleep_forever()
         await trio.sleep(self.seconds)
-        if self.failure is not None:
+        if self.failure is not None and (self.retry is None or current_job().attempt == 1):
             raise self.failure
 
 
@@ -173,7 +177,9 @@ def build_scenario(options: DemoOptions) -> Scenario:
         seconds, hangs = cost * mean * rng.uniform(0.3, 1.7), rng.random() < hang
         failure = error(message) if rng.random() < fail else None
         timeout = None if timeout is None else _nice(timeout * mean)
-        return PlannedJob(at, name, seconds, next(ids), timeout, wait, hangs, failure)
+        key = f"customer-{rng.randrange(8)}" if name == "call_webhook" else None
+        retry = Retry(attempts=3, backoff=mean, jitter=False) if name == "warm_cache" else None
+        return PlannedJob(at, name, seconds, next(ids), timeout, wait, hangs, failure, key, retry)
 
     jobs = [ordinary(at) for at in sorted(arrival() for _ in range(n_regular))]
     for _ in range(n_slow):
@@ -252,12 +258,21 @@ class _Run(BackgroundInstrument):
     deadline: float = math.inf  # of the drain, once closing
     stop: trio.CancelScope = attrs.Factory(trio.CancelScope)  # cancelled by Ctrl-C
     interrupted: bool = False
+    keys: dict[str, str] = attrs.Factory(dict)  # request id -> key, for keyed jobs
+    holders: dict[str, str] = attrs.Factory(dict)  # key -> request id of the job holding it
+    overlaps: int = 0  # times a job started while another of its key held it
+
+    def job_started(self, job: BackgroundJobMetadata) -> None:
+        key = self.keys.get(job.request_id or "")
+        if key is not None:
+            self.overlaps += self.holders.setdefault(key, job.request_id or "") != job.request_id
 
     def job_rejected(self, job: BackgroundJobMetadata) -> None:
         self.outcomes[job.name]["rejected"] += 1
 
     def job_finished(self, job: BackgroundJobMetadata, outcome: str, duration: float) -> None:
         self.outcomes[job.name][outcome] += 1
+        self.holders.pop(self.keys.get(job.request_id or "", ""), None)
 
     def job_dropped(self, job: BackgroundJobMetadata) -> None:
         self.outcomes[job.name]["dropped"] += 1
@@ -286,12 +301,15 @@ class _Run(BackgroundInstrument):
     async def submit(self, handle: BackgroundHandle, job: PlannedJob) -> None:
         self.submitted += 1
         try:
+            if job.key is not None:
+                self.keys[job.request_id] = job.key
+            rid, key, retry, timeout = job.request_id, job.key, job.retry, job.timeout
             if job.wait:
-                await handle.send(
-                    job.run, name=job.name, request_id=job.request_id, timeout=job.timeout
-                )
+                await handle.send(job.run, name=job.name, request_id=rid, timeout=timeout)
             else:
-                handle.spawn(job.run, name=job.name, request_id=job.request_id, timeout=job.timeout)
+                handle.spawn(
+                    job.run, name=job.name, request_id=rid, key=key, retry=retry, timeout=timeout
+                )
         except QueueFullError:
             self.rejected += 1
         except RuntimeClosedError:
@@ -368,6 +386,7 @@ class _Run(BackgroundInstrument):
             ("statistics' accepted vs the demo's count", s.accepted, self.accepted),
             ("statistics' rejected vs the demo's count", s.rejected, self.rejected),
             ("queued + running after aclose()", s.queued + s.running, 0),
+            ("webhooks of one customer that overlapped", self.overlaps, 0),
             *((f"instrument's vs statistics' {n}", seen[n], getattr(s, n)) for n in _OUTCOMES),
         ]
         if report is not None:
@@ -393,7 +412,8 @@ class _Run(BackgroundInstrument):
             else "  aclose() returned None: all work finished within drain_timeout",
             f"  final statistics: accepted {s.accepted} = completed {s.completed}"
             f" + failed {s.failed} + timed_out {s.timed_out} + cancelled {s.cancelled}"
-            f" + dropped {s.dropped} (queued {s.queued}, running {s.running})",
+            f" + dropped {s.dropped} (queued {s.queued}, running {s.running});"
+            f" {s.retried} runs retried; webhooks keyed by customer, never overlapping",
             f"  submitted {self.submitted} = accepted {self.accepted}"
             f" + rejected {self.rejected} (QueueFullError)"
             f" + refused {self.refused} (RuntimeClosedError, after aclose() began)",
