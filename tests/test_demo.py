@@ -312,7 +312,7 @@ def test_build_scenario_depends_only_on_the_options() -> None:
     def plan(seed: int) -> list[tuple[object, ...]]:
         jobs = build_scenario(DemoOptions(duration=3.0, jobs=500, seed=seed)).jobs
         # (exceptions compare by identity: the failure by its repr)
-        return [job._replace(failure=None) + (repr(job.failure),) for job in jobs]
+        return [(*job._replace(failure=None), repr(job.failure)) for job in jobs]
 
     assert plan(1) == plan(1)
     assert plan(1) != plan(2)
