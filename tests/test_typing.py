@@ -113,10 +113,9 @@ SNIPPET = textwrap.dedent(
 )
 
 
-def test_mypy_flags_wrong_spawn_argument(tmp_path: Path) -> None:
-    snippet = tmp_path / "spawn_typing_snippet.py"
-    snippet.write_text(SNIPPET)
-    result = subprocess.run(
+def _mypy(snippet: Path) -> subprocess.CompletedProcess[str]:
+    """mypy's report on ``snippet``, with the repository's configuration and cache."""
+    return subprocess.run(
         [
             sys.executable,
             "-m",
@@ -134,6 +133,12 @@ def test_mypy_flags_wrong_spawn_argument(tmp_path: Path) -> None:
         timeout=300,
         check=False,
     )
+
+
+def test_mypy_flags_wrong_spawn_argument(tmp_path: Path) -> None:
+    snippet = tmp_path / "spawn_typing_snippet.py"
+    snippet.write_text(SNIPPET)
+    result = _mypy(snippet)
     errors = [line for line in result.stdout.splitlines() if ": error:" in line]
     assert result.returncode == 1, result.stdout + result.stderr
     assert len(errors) == 2, result.stdout
@@ -175,24 +180,7 @@ REVEAL_SNIPPET = textwrap.dedent(
 def test_mypy_reveals_the_jobs_return_type_through_wait(tmp_path: Path) -> None:
     snippet = tmp_path / "wait_typing_snippet.py"
     snippet.write_text(REVEAL_SNIPPET)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mypy",
-            "--config-file",
-            str(REPO / "pyproject.toml"),
-            "--show-error-codes",
-            "--no-error-summary",
-            "--no-pretty",
-            str(snippet),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    result = _mypy(snippet)
     lines = [line.split(":", 2) for line in result.stdout.splitlines() if ": " in line]
     found = [(int(lineno), rest.strip()) for _, lineno, rest in lines]
     assert len(found) == 4, result.stdout
