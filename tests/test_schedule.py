@@ -18,6 +18,7 @@ from trio_background import (
     JobCancelledError,
     QueueFullError,
     Retry,
+    current_job,
     open_background_runtime,
 )
 
@@ -481,3 +482,25 @@ async def test_an_aclose_waiting_on_the_drain_returns_as_soon_as_a_cut_off_ends_
                 nursery.start_soon(closer, runtime)
                 await trio.sleep_forever()
     assert [t - t0 for t in returned] == [1]
+
+
+async def test_the_report_lists_cut_off_jobs_in_acceptance_order_not_start_order(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # "delayed" is accepted first but starts after "plain"; "flaky" is accepted before
+    # "after" but its retry starts later. Both lists are in acceptance order.
+    async def fails_once() -> None:
+        if current_job().attempt == 1:
+            raise ValueError("once")
+        await trio.sleep_forever()
+
+    with pytest.raises(BackgroundShutdownError) as info:
+        async with open_background_runtime(
+            config(max_concurrent_tasks=4, drain_timeout=5)
+        ) as runtime:
+            handle = runtime.handle()
+            handle.spawn(trio.sleep_forever, name="delayed", delay=1)
+            handle.spawn(trio.sleep_forever, name="plain")
+            handle.spawn(fails_once, name="flaky", retry=Retry(backoff=2, jitter=False))
+            handle.spawn(trio.sleep_forever, name="after")
+    assert [m.name for m in info.value.cancelled] == ["delayed", "plain", "flaky", "after"]

@@ -504,7 +504,6 @@ class Admission:
         self.taken += 1
         sched = job._sched
         if sched is not None and sched.delay:
-            sched.accepted = job._seq
             self.schedule(job, sched.delay)
         else:
             self.enqueue(job)
@@ -566,6 +565,8 @@ class Admission:
         self.last_seq += 1
         job._seq = self.last_seq
         self.accepted += 1
+        if job._sched is not None:  # its ready order may change (a delay, a retry): keep it
+            job._sched.accepted = job._seq
 
     def refuse_waiters(self) -> None:
         """Wake every waiting send(); each finds its job unaccepted and raises."""

@@ -253,9 +253,9 @@ class BackgroundJob(Generic[T]):
         return name  # type: ignore[return-value]
 
     def _accepted_seq(self) -> int:
-        """Acceptance order (a job with a delay was accepted before it was ready)."""
+        """Acceptance order (for a job with a delay or retries, its ready order differs)."""
         sched = self._sched
-        return self._seq if sched is None or not sched.accepted else sched.accepted
+        return self._seq if sched is None else sched.accepted
 
     def _end(self, state: str, value: object = None) -> None:
         """Record the final status (and result or exception) and wake waiting tasks."""
@@ -294,7 +294,7 @@ class Schedule:
         self.key = key
         #: 1 + the retries so far.
         self.attempt = 1
-        #: The acceptance order of a job accepted with a delay (its ready order differs).
+        #: Its acceptance order (its ready order, ``_seq``, may differ).
         self.accepted = 0
         #: The delay it was submitted with (0: none), and when it is due, while scheduled.
         self.delay = 0.0

@@ -295,7 +295,7 @@ class Runtime:
         elif outcome == CANCELLED:
             self.cancelled += 1
             if cut_off and not by_handle:
-                shutdown.cancelled.append((job._seq, job._meta()))
+                shutdown.cancelled.append((job._accepted_seq(), job._meta()))
         elif outcome == TIMED_OUT:
             self.timed_out += 1
         else:
