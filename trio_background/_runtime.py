@@ -59,7 +59,6 @@ import logging
 import random
 import sys
 import threading
-from collections.abc import Coroutine
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, final
 
@@ -156,38 +155,6 @@ class Runtime:
         self.outer_scope: trio.CancelScope | None = None
         #: KeyboardInterrupt/SystemExit raised by jobs or hooks, to re-raise from the block.
         self.fatal: list[BaseException] = []
-
-    def make_job(
-        self,
-        method: str,
-        fn: object,
-        args: tuple[object, ...],
-        name: object,
-        request_id: object,
-        timeout: object,
-        delay: object = None,
-        retry: object = None,
-        key: object = None,
-    ) -> Job:
-        if threading.get_ident() != self.thread:
-            if isinstance(fn, Coroutine):
-                fn.close()  # it will never run: no "never awaited" warning for it
-            self.check_thread(method, f"run_sync(handle.{method}, ...)")
-        config = self.config
-        return make_job(
-            self,
-            method,
-            fn,
-            args,
-            name,
-            request_id,
-            timeout,
-            config.job_timeout,
-            delay,
-            retry,
-            key,
-            config.retry,
-        )
 
     # -- running one job ------------------------------------------------------------------
 
@@ -611,8 +578,8 @@ class BackgroundHandle:
             RuntimeError: Called from a thread other than the runtime's.
         """
         runtime = self._runtime
-        job = runtime.make_job(
-            "spawn", async_fn, args, name, request_id, timeout, delay, retry, key
+        job = make_job(
+            runtime, "spawn", async_fn, args, name, request_id, timeout, delay, retry, key
         )
         runtime.admission.spawn(job)
         return job
@@ -644,7 +611,9 @@ class BackgroundHandle:
             RuntimeError: Called from a thread other than the runtime's.
         """
         runtime = self._runtime
-        job = runtime.make_job("send", async_fn, args, name, request_id, timeout, delay, retry, key)
+        job = make_job(
+            runtime, "send", async_fn, args, name, request_id, timeout, delay, retry, key
+        )
         await runtime.admission.send(job)
         return job
 
