@@ -7,6 +7,7 @@ import functools
 import inspect
 import math
 import sys
+import threading
 import types
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar, final
@@ -320,15 +321,21 @@ def make_job(
     name: object,
     request_id: object,
     timeout: object,
-    default_timeout: float | None,
 ) -> BackgroundJob[Any]:
     """Check what a caller passed to ``spawn``/``send`` and build the job record.
 
+    The default timeout comes from the runtime's configuration.
+
     Raises:
+        RuntimeError: Called from a thread other than the runtime's.
         TypeError: ``fn`` is not an async function (a coroutine object, which is closed;
             a builtin; a class; not callable), or an option has the wrong type.
         ValueError: ``timeout`` is out of range.
     """
+    if threading.get_ident() != runtime.thread:
+        if isinstance(fn, Coroutine):
+            fn.close()  # it will never run: no "never awaited" warning for it
+        runtime.check_thread(method, f"run_sync(handle.{method}, ...)")
     if name is not None and not isinstance(name, str):
         raise TypeError(f"name must be a str or None, not {type(name).__name__}")
     if request_id is not None and not isinstance(request_id, str):
@@ -347,7 +354,7 @@ def make_job(
     assert name is None or isinstance(name, str)
     assert request_id is None or isinstance(request_id, str)
     if timeout is None:
-        return BackgroundJob(runtime, fn, args, name, request_id, default_timeout)
+        return BackgroundJob(runtime, fn, args, name, request_id, runtime.config.job_timeout)
     check_timeout("timeout", timeout, allow_none=True, allow_zero=False)
     assert isinstance(timeout, (int, float))
     # math.inf means no limit: the same as None, without a cancel scope.

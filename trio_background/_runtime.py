@@ -58,7 +58,6 @@ import contextlib
 import logging
 import sys
 import threading
-from collections.abc import Coroutine
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, final
 
@@ -151,21 +150,6 @@ class Runtime:
         self.outer_scope: trio.CancelScope | None = None
         #: KeyboardInterrupt/SystemExit raised by jobs or hooks, to re-raise from the block.
         self.fatal: list[BaseException] = []
-
-    def make_job(
-        self,
-        method: str,
-        fn: object,
-        args: tuple[object, ...],
-        name: object,
-        request_id: object,
-        timeout: object,
-    ) -> Job:
-        if threading.get_ident() != self.thread:
-            if isinstance(fn, Coroutine):
-                fn.close()  # it will never run: no "never awaited" warning for it
-            self.check_thread(method, f"run_sync(handle.{method}, ...)")
-        return make_job(self, method, fn, args, name, request_id, timeout, self.config.job_timeout)
 
     # -- running one job ------------------------------------------------------------------
 
@@ -534,7 +518,7 @@ class BackgroundHandle:
             RuntimeError: Called from a thread other than the runtime's.
         """
         runtime = self._runtime
-        job = runtime.make_job("spawn", async_fn, args, name, request_id, timeout)
+        job = make_job(runtime, "spawn", async_fn, args, name, request_id, timeout)
         runtime.admission.spawn(job)
         return job
 
@@ -562,7 +546,7 @@ class BackgroundHandle:
             RuntimeError: Called from a thread other than the runtime's.
         """
         runtime = self._runtime
-        job = runtime.make_job("send", async_fn, args, name, request_id, timeout)
+        job = make_job(runtime, "send", async_fn, args, name, request_id, timeout)
         await runtime.admission.send(job)
         return job
 
