@@ -979,3 +979,22 @@ def test_cancel_after_the_cut_off_leaves_an_unstarted_job_to_the_cut_off() -> No
     trio.run(main)
     assert jobs[0].status == "dropped"
     assert [hook for hook, name in recorder.pairs() if name == "late"] == ["accepted", "dropped"]
+
+
+async def test_a_rejected_spawn_leaves_no_reference_cycle() -> None:
+    gc.collect()
+    gc.disable()
+    try:
+        async with open_background_runtime(config(max_concurrent_tasks=1, max_queue_size=0)) as rt:
+            handle = rt.handle()
+            handle.spawn(trio.sleep, 0)
+            arg = Thing()
+            watched = weakref.ref(arg)
+            with pytest.raises(QueueFullError) as info:
+                handle.spawn(returns, arg)
+            error = weakref.ref(info.value)
+            del info, arg
+            assert error() is None
+            assert watched() is None
+    finally:
+        gc.enable()

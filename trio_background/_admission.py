@@ -527,12 +527,15 @@ class Admission:
         error = QueueFullError()
         self.rejected += 1
         instruments = self.runtime.instruments
-        if "job_rejected" in instruments.hooks:
-            try:
-                contextvars.copy_context().run(instruments.call, "job_rejected", job._meta())
-            except BaseException as exc:  # the call itself failed (say, RecursionError)
-                raise error from exc
-        raise error
+        try:
+            if "job_rejected" in instruments.hooks:
+                try:
+                    contextvars.copy_context().run(instruments.call, "job_rejected", job._meta())
+                except BaseException as exc:  # the call itself failed (say, RecursionError)
+                    raise error from exc
+            raise error
+        finally:
+            del error  # this frame is in its traceback: no reference cycle through it
 
     @enable_ki_protection
     async def send(self, job: Job) -> None:
