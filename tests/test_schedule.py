@@ -504,3 +504,66 @@ async def test_the_report_lists_cut_off_jobs_in_acceptance_order_not_start_order
             handle.spawn(fails_once, name="flaky", retry=Retry(backoff=2, jitter=False))
             handle.spawn(trio.sleep_forever, name="after")
     assert [m.name for m in info.value.cancelled] == ["delayed", "plain", "flaky", "after"]
+
+
+async def test_a_cut_off_keeps_nothing_of_keyed_jobs_in_backoff_or_unstarted(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    import gc
+    import weakref
+
+    class Arg:
+        pass
+
+    args = [Arg(), Arg()]
+    watched = [weakref.ref(a) for a in args]
+    with pytest.raises(BackgroundShutdownError):
+        async with open_background_runtime(config(drain_timeout=1)) as runtime:
+            handle = runtime.handle()
+            handle.spawn(Flaky(5), key="k", retry=Retry(backoff=100, jitter=False))
+            await trio.testing.wait_all_tasks_blocked()  # in backoff, holding "k"
+
+            async def uses(arg: Arg) -> None:
+                await trio.sleep_forever()
+
+            handle.spawn(uses, args.pop(), key="j")  # holds "j", its code not run yet
+            handle.spawn(uses, args.pop(), key="k")  # waits for "k"
+    gc.collect()
+    assert [ref() for ref in watched] == [None, None]
+    assert runtime._runtime.admission.keys == {}
+
+
+def test_a_retry_is_reported_before_the_cut_off_its_log_handler_caused() -> None:
+    # The log handler of the retry warning raises KeyboardInterrupt: the cut-off drops the
+    # job waiting to retry. Instruments see the run end (retrying), then the drop.
+    calls: list[str] = []
+
+    class Hooks:
+        def job_started(self, job: object) -> None:
+            calls.append("started")
+
+        def job_retrying(self, job: object, exception: object, delay: float) -> None:
+            calls.append("retrying")
+
+        def job_dropped(self, job: object) -> None:
+            calls.append("dropped")
+
+    class Interrupting(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "retrying" in record.getMessage():
+                raise KeyboardInterrupt
+
+    async def main() -> None:
+        async with open_background_runtime(config(), instruments=[Hooks()]) as runtime:
+            runtime.handle().spawn(Flaky(5), retry=Retry(backoff=1, jitter=False))
+            await trio.sleep(10)
+
+    logger = logging.getLogger("trio_background")
+    handler = Interrupting()
+    logger.addHandler(handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    finally:
+        logger.removeHandler(handler)
+    assert calls == ["started", "retrying", "dropped"]

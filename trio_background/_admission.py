@@ -568,8 +568,10 @@ class Admission:
         self.last_seq += 1
         job._seq = self.last_seq
         self.accepted += 1
-        if job._sched is not None:  # its ready order may change (a delay, a retry): keep it
-            job._sched.accepted = job._seq
+        sched = job._sched
+        if sched is not None:  # its ready order may change (a delay, a retry): keep it
+            sched.accepted = job._seq
+            sched.job = job
 
     def refuse_waiters(self) -> None:
         """Wake every waiting send(); each finds its job unaccepted and raises."""
@@ -757,6 +759,12 @@ class Admission:
         if job._state is SCHEDULED:
             assert sched is not None
             self.scheduled -= 1
+            if len(self.timers) > 2 * self.scheduled + 16:
+                # Entries of cancelled jobs stay until they surface; when they are most of
+                # the heap, rebuild it from the live ones (amortized constant per cancel).
+                sched.job = None
+                self.timers = [entry for entry in self.timers if entry[2].job is not None]
+                heapq.heapify(self.timers)
             if sched.retried:
                 sched.retried = False
                 self.retrying -= 1
@@ -796,9 +804,7 @@ class Admission:
                 dropped.append(sched.job)
         self.released.clear()
         self.timers.clear()
-        for line in self.keys.values():
-            line.candidate = None
-            line.head = line.tail = None
+        self.keys.clear()  # (a running job that ends later finds its key gone: nothing to do)
         self.queued = self.scheduled = self.taken = self.retrying = 0
         for job in dropped:
             plan = job._sched

@@ -288,9 +288,10 @@ class Schedule:
         "retry",
     )
 
-    def __init__(self, job: BackgroundJob[Any], retry: Retry | None, key: str | None) -> None:
-        #: The job, while the runtime has it; None once it ended or left the timers.
-        self.job: BackgroundJob[Any] | None = job
+    def __init__(self, retry: Retry | None, key: str | None) -> None:
+        #: The job, from its acceptance while the runtime has it; None once it ended or
+        #: left (cancelled, dropped). (Not before: a refused job must not be in a cycle.)
+        self.job: BackgroundJob[Any] | None = None
         self.retry = retry
         self.key = key
         #: 1 + the retries so far.
@@ -429,7 +430,7 @@ def make_job(
         retry = default_retry
     if retry is None and key is None and not delay:
         return job
-    job._sched = sched = Schedule(job, retry, key)
+    job._sched = sched = Schedule(retry, key)
     sched.delay = float(delay) if delay else 0.0
     return job
 

@@ -300,6 +300,10 @@ class Runtime:
         # -- the state is complete; now the user code: log handlers, hooks ----------
         self.report_admitted(events)
         meta = job._meta()
+        # The hook first: a log handler that interrupts the runtime drops the job, and
+        # instruments must see this run end (retrying) before they see the job dropped.
+        if "job_retrying" in self.instruments.hooks:
+            self.instruments.call("job_retrying", meta, reason, delay)
         what = (
             f"timed out after {job._timeout:g} seconds"
             if isinstance(reason, trio.TooSlowError)
@@ -310,8 +314,6 @@ class Runtime:
             f"{what} on attempt {run} of {sched.retry.attempts}; retrying in {delay:.3g} seconds",
             None if isinstance(reason, trio.TooSlowError) else reason,
         )
-        if "job_retrying" in self.instruments.hooks:
-            self.instruments.call("job_retrying", meta, reason, delay)
         self.report_events(events)
 
     @enable_ki_protection

@@ -141,6 +141,11 @@ class Shutdown:
     def drop_unstarted(self, job: Job) -> None:
         """Count a job that was given a slot but whose code never ran as dropped."""
         self.count_dropped(job)
+        sched = job._sched
+        if sched is not None:
+            if sched.key is not None:
+                self.runtime.admission.leave_key(job)
+            sched.job = None
         self.runtime.admission.release(job)
         self.runtime.report_dropped(job)
 
