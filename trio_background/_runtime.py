@@ -392,9 +392,7 @@ class Runtime:
         if "job_finished" in hooks:
             duration = trio.current_time() - job._started_at
             instruments.call("job_finished", job._meta(), outcome, duration)
-        if events is not None:
-            for other, exc in events.failed_to_start:
-                self.report_start_failure(other, exc)
+        self.report_events(events)  # (what is left of them: the failed starts)
 
     def report_admitted(self, events: HandOff | None) -> None:
         """Call ``job_accepted`` for the jobs of waiting send()s a hand-off accepted.
@@ -409,7 +407,7 @@ class Runtime:
                 self.call_hook(other, "job_accepted")
 
     def report_events(self, events: HandOff | None) -> None:
-        """Report what a hand-off outside a job's ending did (see `report_finished`)."""
+        """Report what a hand-off did: the senders it accepted, then the failed starts."""
         if events is None:
             return
         self.report_admitted(events)
