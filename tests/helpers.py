@@ -9,15 +9,27 @@ stays in that module.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import TypeAlias
+import random
+from collections.abc import Callable
+from typing import Any, TypeAlias
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import HealthCheck, Phase, settings
 
-from trio_background import BackgroundJobMetadata, BackgroundRuntime, BackgroundStatistics
+from trio_background import (
+    BackgroundJob,
+    BackgroundJobMetadata,
+    BackgroundRuntime,
+    BackgroundStatistics,
+    QueueFullError,
+    Retry,
+    RuntimeClosedError,
+)
 
 #: The name of the runtime's logger.
 LOGGER = "trio_background"
@@ -182,3 +194,66 @@ LONG = (
 )
 #: The hypothesis profile the property and stateful tests run under.
 PROFILE = settings.get_profile("long" if LONG else "ci")
+
+
+# -- scheduling -----------------------------------------------------------------------------
+
+
+async def random_waits(
+    rng: random.Random,
+    runtime: BackgroundRuntime,
+    handles: list[BackgroundJob[None]],
+    check: Callable[[], None],
+    *,
+    steps: int = 30,
+) -> None:
+    """Drive ``runtime`` through a random program that puts jobs in every waiting state.
+
+    Spawns and (blocking) sends of jobs named ``"x"`` or ``"y"`` with a random delay,
+    key and retry policy, some failing their first runs; cancels random handles; resizes;
+    lets virtual time pass. Every accepted job's handle is appended to ``handles``.
+    ``check()`` runs whenever all tasks are blocked, and once more at the end of the
+    program (which leaves the runtime open, with jobs in any state).
+    """
+    retry = Retry(attempts=3, backoff=0.5, jitter=False)
+    handle = runtime.handle()
+
+    async def job(seconds: float, failures: list[int]) -> None:
+        await trio.sleep(seconds)
+        if failures[0] > 0:
+            failures[0] -= 1
+            raise ValueError("fails on purpose")
+
+    def options() -> dict[str, Any]:
+        return {
+            "name": rng.choice("xy"),
+            "delay": rng.choice((0, 0, 0.5, 1.5)),
+            "key": rng.choice((None, None, "a", "b")),
+            "retry": rng.choice((None, retry)),
+        }
+
+    async def send(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        with contextlib.suppress(RuntimeClosedError):
+            handles.append(await handle.send(job, *args, **kwargs))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(steps):
+            action = rng.random()
+            args = (rng.choice((0.25, 1.0, 2.0)), [rng.choice((0, 0, 1, 3))])
+            if action < 0.45:
+                with contextlib.suppress(QueueFullError):
+                    handles.append(handle.spawn(job, *args, **options()))
+            elif action < 0.55:
+                nursery.start_soon(send, args, options())
+            elif action < 0.7 and handles:
+                rng.choice(handles).cancel()
+            elif action < 0.8:
+                runtime.resize(
+                    max_concurrent_tasks=rng.randint(1, 3), max_queue_size=rng.randint(1, 5)
+                )
+            else:
+                await trio.sleep(rng.choice((0.25, 0.5, 1.0)))
+            await trio.testing.wait_all_tasks_blocked()
+            check()
+        nursery.cancel_scope.cancel()  # the sends still waiting were not accepted
+    check()

@@ -49,9 +49,12 @@ if sys.version_info < (3, 11):  # pragma: no cover
 def test_instrument_base_hooks_do_nothing() -> None:
     instrument = BackgroundInstrument()
     job = BackgroundJobMetadata()
-    for hook in ("job_accepted", "job_rejected", "job_started", "job_dropped"):
+    for hook in ("job_accepted", "job_due", "job_rejected", "job_started", "job_dropped"):
         assert getattr(instrument, hook)(job) is None
-    instrument.job_finished(job, "completed", 0.0)
+    assert instrument.job_scheduled(job, 1.0) is None
+    assert instrument.job_failed(job, ValueError()) is None
+    assert instrument.job_retrying(job, ValueError(), 1.0) is None
+    assert instrument.job_finished(job, "completed", 0.0) is None
 
 
 class EventLog(BackgroundInstrument):

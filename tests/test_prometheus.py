@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import random
 import subprocess
 import sys
+from collections import Counter
 from functools import partial
 
 import pytest
 import trio
 import trio.testing
+from helpers import random_waits
 from prometheus_client import REGISTRY, CollectorRegistry, Gauge, generate_latest
 
 import trio_background
 from trio_background import (
     BackgroundInstrument,
+    BackgroundJob,
     BackgroundShutdownError,
     BackgroundTaskConfig,
     QueueFullError,
@@ -37,6 +42,7 @@ def snapshot(registry: CollectorRegistry, job: str) -> dict[str, float | None]:
             "jobs_dropped_total",
             "jobs_retried_total",
             "jobs_queued",
+            "jobs_scheduled",
             "jobs_running",
         )
     }
@@ -56,6 +62,7 @@ def expected(**values: float) -> dict[str, float | None]:
             "jobs_dropped_total",
             "jobs_retried_total",
             "jobs_queued",
+            "jobs_scheduled",
             "jobs_running",
             "completed",
             "failed",
@@ -450,6 +457,46 @@ async def test_gauges_stay_exact_when_jobs_are_cancelled_through_their_handles(
     assert stats.cancelled >= 2
 
 
+@pytest.mark.parametrize("seed", range(8))
+async def test_the_gauges_follow_job_statuses_by_name_through_random_programs(
+    autojump_clock: trio.testing.MockClock, seed: int
+) -> None:
+    # Delays, keys, retries, cancels, waiting sends and resizes; after every step each
+    # gauge of each job name equals the number of that name's handles in that status.
+    registry = CollectorRegistry()
+    instrument = PrometheusInstrument(registry)
+    handles: list[BackgroundJob[None]] = []
+    rng = random.Random(seed)
+
+    def check() -> None:
+        for name in "xy":
+            statuses = Counter(job.status for job in handles if job.metadata.name == name)
+            gauges = {
+                status: value(registry, f"trio_background_jobs_{status}", job=name) or 0
+                for status in ("scheduled", "queued", "running")
+            }
+            assert gauges == {status: statuses[status] for status in gauges}
+            assert value(registry, "trio_background_jobs_dropped_total", job=name) in (
+                None,
+                statuses["dropped"],
+            )
+        assert (
+            sum(value(registry, "trio_background_jobs_scheduled", job=name) or 0 for name in "xy")
+            == runtime.statistics().scheduled
+        )
+
+    config = BackgroundTaskConfig(
+        max_concurrent_tasks=2, max_queue_size=3, drain_timeout=rng.choice((0.75, 60))
+    )
+    with contextlib.suppress(BackgroundShutdownError):
+        async with open_background_runtime(config, instruments=[instrument]) as runtime:
+            await random_waits(rng, runtime, handles, check, steps=40)
+    check()
+    assert runtime.statistics().retried == sum(
+        value(registry, "trio_background_jobs_retried_total", job=name) or 0 for name in "xy"
+    )
+
+
 async def test_retries_are_counted_and_the_gauges_stay_exact(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -470,7 +517,7 @@ async def test_retries_are_counted_and_the_gauges_stay_exact(
         runtime.handle().spawn(flaky, name="flaky", retry=retry)
         await trio.sleep(1.5)  # the first run failed at 1; the retry is due at 2
         assert snapshot(registry, "flaky") == expected(
-            jobs_accepted_total=1, jobs_retried_total=1, jobs_queued=1
+            jobs_accepted_total=1, jobs_retried_total=1, jobs_scheduled=1
         )
     assert snapshot(registry, "flaky") == expected(
         jobs_accepted_total=1, jobs_retried_total=2, completed=1

@@ -65,9 +65,11 @@ class Lane:
 class HandOff:
     """What a hand-off did that must be reported once the bookkeeping is complete."""
 
-    __slots__ = ("admitted", "failed_to_start")
+    __slots__ = ("admitted", "due", "failed_to_start")
 
     def __init__(self) -> None:
+        #: Scheduled jobs that became due (only when an instrument has ``job_due``).
+        self.due: list[Job] = []
         #: Jobs of waiting send() calls accepted into the room the hand-off made.
         self.admitted: list[Job] = []
         #: Jobs whose task could not be started (counted failed), with the error.
@@ -376,10 +378,18 @@ class Admission:
             heapq.heappop(timers)
         return timers[0][0] if timers else math.inf
 
-    def promote_due(self) -> None:
-        """Every scheduled job that is due becomes ready, in due order."""
+    def promote_due(self, events: HandOff | None = None) -> HandOff | None:
+        """Every scheduled job that is due becomes ready, in due order.
+
+        Returns ``events``, with the jobs that became due added if an instrument
+        has the ``job_due`` hook.
+        """
         now = trio.current_time()
         timers = self.timers
+        due = None
+        if "job_due" in self.runtime.instruments.hooks:
+            events = events or HandOff()
+            due = events.due
         while timers and timers[0][0] <= now:
             _, _, sched = heapq.heappop(timers)
             job = sched.job
@@ -389,6 +399,9 @@ class Admission:
             self.last_seq += 1
             job._seq = self.last_seq
             self.enqueue(job)
+            if due is not None:
+                due.append(job)
+        return events
 
     @enable_ki_protection
     async def run_timers(self) -> None:
@@ -399,8 +412,7 @@ class Admission:
             assert scope is not None
             with scope:
                 await trio.sleep_forever()
-            self.promote_due()
-            events = self.refill()
+            events = self.refill(self.promote_due())
             self.timer_scope = trio.CancelScope(deadline=self.next_due())
             runtime.report_events(events)
             if self.is_idle():
@@ -419,8 +431,7 @@ class Admission:
             raise RuntimeClosedError
         if self.timers and self.timers[0][0] <= trio.current_time():
             # Due jobs become ready before a job accepted at the same instant.
-            self.promote_due()
-            runtime.report_events(self.refill())
+            runtime.report_events(self.refill(self.promote_due()))
         if job._sched is not None:
             return self.try_accept_scheduled(job)
         # Every step that can fail comes before the first change of state. A task started
@@ -481,6 +492,8 @@ class Admission:
         runtime = self.runtime
         if "job_accepted" in runtime.instruments.hooks:
             runtime.call_hook(job, "job_accepted")
+        if job._state is SCHEDULED and "job_scheduled" in runtime.instruments.hooks:
+            runtime.call_hook(job, "job_scheduled", job._sched.delay)  # type: ignore[union-attr]
         return True
 
     def startable(self, job: Job) -> bool:
@@ -691,9 +704,9 @@ class Admission:
         if self.excess or self.runtime.shutdown.phase is Phase.CUT_OFF:
             self.give_back(lane)
             return None
-        if self.timers and self.timers[0][0] <= trio.current_time():
-            self.promote_due()
         events: HandOff | None = None
+        if self.timers and self.timers[0][0] <= trio.current_time():
+            events = self.promote_due()
         following = self.head
         if following is not None and following._sched is None and not self.released:
             self.pop()  # (what pick() does, for a job without a schedule)
@@ -703,11 +716,11 @@ class Admission:
             following = self.pick()
             if following is None:
                 self.give_back(lane)
-                return self.refill() if self.waiters else None
+                return self.refill(events) if self.waiters else events
         if self.waiters and self.taken < self.max_queue_size:
             admitted = self.admit_waiter()
             self.place(admitted)
-            events = HandOff()
+            events = events or HandOff()
             events.admitted.append(admitted)
         if lane.alive:
             try:

@@ -15,6 +15,8 @@ Outcome = Literal["completed", "failed", "timed_out", "cancelled"]
 
 HOOKS = (
     "job_accepted",
+    "job_scheduled",
+    "job_due",
     "job_rejected",
     "job_started",
     "job_failed",
@@ -37,6 +39,28 @@ class BackgroundInstrument:
 
     def job_accepted(self, job: BackgroundJobMetadata) -> None:
         """Called when a job is accepted (queued or started at once).
+
+        Args:
+            job: The job's metadata.
+        """
+
+    def job_scheduled(self, job: BackgroundJobMetadata, delay: float) -> None:
+        """Called right after `job_accepted` for a job accepted with a delay.
+
+        The job is scheduled: it joins the queue in ``delay`` seconds (`job_due`
+        is called then). A job that will be retried is scheduled too: `job_retrying`
+        says so, and this hook is not called for it.
+
+        Args:
+            job: The job's metadata.
+            delay: Seconds until the job is due.
+        """
+
+    def job_due(self, job: BackgroundJobMetadata) -> None:
+        """Called when a scheduled job (delayed, or waiting to be retried) is due.
+
+        It joins the queue, or takes a free slot at once (`job_started` follows
+        when its code begins).
 
         Args:
             job: The job's metadata.

@@ -352,10 +352,10 @@ class Runtime:
 
     # -- reporting: log records and hooks, after the bookkeeping ----------------------------
 
-    def call_hook(self, job: Job, hook: str) -> None:
-        """Call ``hook(job metadata)`` for a job that is not running; never raises."""
+    def call_hook(self, job: Job, hook: str, *args: object) -> None:
+        """Call ``hook(job metadata, *args)`` for a job that is not running; never raises."""
         try:
-            self.in_context(job, self.instruments.call, hook, job._meta())
+            self.in_context(job, self.instruments.call, hook, job._meta(), *args)
         except BaseException as exc:  # the call itself failed (say, RecursionError)
             with contextlib.suppress(BaseException):  # nothing is left to report with
                 self.log_error(job._meta(), f"could not be reported to {hook}", exc)
@@ -395,16 +395,30 @@ class Runtime:
         self.report_events(events)  # (what is left of them: the failed starts)
 
     def report_admitted(self, events: HandOff | None) -> None:
-        """Call ``job_accepted`` for the jobs of waiting send()s a hand-off accepted.
+        """Report the scheduled jobs a hand-off found due and the waiting send()s it accepted.
 
-        The counters already include them. Each is reported once: the list is emptied.
+        ``job_due`` for the former, ``job_accepted`` (and ``job_scheduled``, for a job
+        with a delay) for the latter: the counters already include them. Each is
+        reported once: the lists are emptied.
         """
-        if events is None or not events.admitted:
+        if events is None:
+            return
+        if events.due:
+            due, events.due = events.due, []
+            for other in due:
+                self.call_hook(other, "job_due")
+        if not events.admitted:
             return
         admitted, events.admitted = events.admitted, []
-        if "job_accepted" in self.instruments.hooks:
+        hooks = self.instruments.hooks
+        accepted = "job_accepted" in hooks
+        scheduled = "job_scheduled" in hooks
+        if accepted or scheduled:
             for other in admitted:
-                self.call_hook(other, "job_accepted")
+                if accepted:
+                    self.call_hook(other, "job_accepted")
+                if scheduled and other._state is SCHEDULED:  # (not if a hook dropped it)
+                    self.call_hook(other, "job_scheduled", other._sched.delay)  # type: ignore[union-attr]
 
     def report_events(self, events: HandOff | None) -> None:
         """Report what a hand-off did: the senders it accepted, then the failed starts."""

@@ -64,20 +64,26 @@ class PrometheusInstrument(BackgroundInstrument):
       `~trio_background.BackgroundHandle.send`.
     - ``trio_background_jobs_rejected_total`` (counter): spawns refused with
       `~trio_background.QueueFullError`.
-    - ``trio_background_jobs_dropped_total`` (counter): queued jobs discarded at
-      shutdown without starting.
+    - ``trio_background_jobs_dropped_total`` (counter): jobs discarded without
+      running: at shutdown, or cancelled while queued or scheduled.
     - ``trio_background_jobs_finished_total`` (counter): jobs that started and
       ended, by ``outcome``.
     - ``trio_background_jobs_retried_total`` (counter): runs that failed and
       were scheduled to run again.
     - ``trio_background_job_duration_seconds`` (histogram): seconds from a job's
       start to its end, whatever the outcome.
-    - ``trio_background_jobs_queued`` (gauge): jobs accepted but not running:
-      queued, scheduled, or waiting to be retried.
+    - ``trio_background_jobs_queued`` (gauge): jobs queued: ready to start,
+      waiting for a slot or for their key.
+    - ``trio_background_jobs_scheduled`` (gauge): jobs waiting until they are
+      due: accepted with a delay, or waiting to be retried.
     - ``trio_background_jobs_running`` (gauge): jobs running now.
 
-    One instrument may serve several runtimes at once; its gauges then add up
-    the runtimes' jobs. A registry can hold only one instrument per namespace:
+    The three gauges follow the job statuses ``"queued"``, ``"scheduled"`` and
+    ``"running"``, so each adds up to the `~trio_background.BackgroundStatistics`
+    field of that name, except that a job moves from queued to running when its
+    code begins (``job_started``) rather than when it takes its slot. One
+    instrument may serve several runtimes at once; its gauges then add up the
+    runtimes' jobs. A registry can hold only one instrument per namespace:
     creating a second one with the same registry and namespace raises
     `ValueError` (from ``prometheus_client``, for the duplicated names).
 
@@ -119,7 +125,7 @@ class PrometheusInstrument(BackgroundInstrument):
         )
         self._dropped = Counter(
             "jobs_dropped",
-            "Queued background jobs discarded at shutdown without starting.",
+            "Background jobs discarded without running (at shutdown, or cancelled).",
             ["job"],
             namespace=namespace,
             registry=None,
@@ -148,7 +154,14 @@ class PrometheusInstrument(BackgroundInstrument):
         )
         self._queued = Gauge(
             "jobs_queued",
-            "Background jobs accepted but not started.",
+            "Background jobs queued: ready, waiting for a slot or their key.",
+            ["job"],
+            namespace=namespace,
+            registry=None,
+        )
+        self._scheduled = Gauge(
+            "jobs_scheduled",
+            "Background jobs waiting until they are due (delayed, or to be retried).",
             ["job"],
             namespace=namespace,
             registry=None,
@@ -168,8 +181,12 @@ class PrometheusInstrument(BackgroundInstrument):
             self._retried,
             self._duration,
             self._queued,
+            self._scheduled,
             self._running,
         )
+        # The jobs counted as scheduled, by the identity of their metadata (a job keeps
+        # one metadata object), so that job_dropped knows which gauge the job leaves.
+        self._waiting: dict[int, BackgroundJobMetadata] = {}
         # Names whose series exist already (see _first_seen).
         self._seen: set[str] = set()
         # Register all or nothing, so a name clash leaves the registry as it was.
@@ -193,6 +210,7 @@ class PrometheusInstrument(BackgroundInstrument):
             self._retried,
             self._duration,
             self._queued,
+            self._scheduled,
             self._running,
         ):
             metric.labels(name)
@@ -208,6 +226,27 @@ class PrometheusInstrument(BackgroundInstrument):
         if job.name not in self._seen:
             self._first_seen(job.name)
         self._accepted.labels(job.name).inc()
+        self._queued.labels(job.name).inc()
+
+    def job_scheduled(self, job: BackgroundJobMetadata, delay: float) -> None:
+        """Move the job, accepted with a delay, from queued to scheduled.
+
+        Args:
+            job: The job's metadata.
+            delay: Seconds until the job is due.
+        """
+        self._waiting[id(job)] = job
+        self._queued.labels(job.name).dec()
+        self._scheduled.labels(job.name).inc()
+
+    def job_due(self, job: BackgroundJobMetadata) -> None:
+        """Move the job, now due, from scheduled to queued.
+
+        Args:
+            job: The job's metadata.
+        """
+        self._waiting.pop(id(job), None)
+        self._scheduled.labels(job.name).dec()
         self._queued.labels(job.name).inc()
 
     def job_rejected(self, job: BackgroundJobMetadata) -> None:
@@ -245,24 +284,28 @@ class PrometheusInstrument(BackgroundInstrument):
     def job_retrying(
         self, job: BackgroundJobMetadata, exception: BaseException, delay: float
     ) -> None:
-        """Count a retry: the job is no longer running, and waits to run again.
+        """Count a retry: the job is no longer running, and is scheduled to run again.
 
         Args:
             job: The job's metadata.
             exception: What the run raised.
             delay: Seconds until the job is due again.
         """
+        self._waiting[id(job)] = job
         self._running.labels(job.name).dec()
-        self._queued.labels(job.name).inc()
+        self._scheduled.labels(job.name).inc()
         self._retried.labels(job.name).inc()
 
     def job_dropped(self, job: BackgroundJobMetadata) -> None:
-        """Count the job as dropped and no longer queued.
+        """Count the job as dropped, and no longer queued or scheduled.
 
         Args:
             job: The job's metadata.
         """
-        self._queued.labels(job.name).dec()
+        if self._waiting.pop(id(job), None) is None:
+            self._queued.labels(job.name).dec()
+        else:
+            self._scheduled.labels(job.name).dec()
         self._dropped.labels(job.name).inc()
 
     def __repr__(self) -> str:
