@@ -448,7 +448,7 @@ class Runtime:
     def report_dropped(self, job: Job) -> None:
         meta = job._meta()
         sched = job._sched
-        if sched is not None and sched.attempt > 1 and sched.retry is not None:
+        if sched is not None and sched.retried and sched.retry is not None:
             what = (
                 f"dropped at shutdown while waiting to retry "
                 f"(attempt {sched.attempt} of {sched.retry.attempts})"
