@@ -652,6 +652,19 @@ async def open_sqlite_queue(
     if not isinstance(registry, TaskRegistry):
         raise TypeError(f"registry must be a TaskRegistry, not {type(registry).__name__}")
     store = await trio.to_thread.run_sync(SQLiteStore, os.fspath(path))
+    async with _open_queue(store, registry, lease, max_pending, keep_completed) as queue:
+        yield queue
+
+
+@contextlib.asynccontextmanager
+async def _open_queue(
+    store: Store,
+    registry: TaskRegistry,
+    lease: float,
+    max_pending: int | None,
+    keep_completed: float,
+) -> AsyncIterator[DurableQueue]:
+    """A `DurableQueue` on an open ``store``, which it closes on the way out."""
     try:
         async with trio.open_nursery() as nursery:
             queue = DurableQueue(

@@ -1,0 +1,174 @@
+"""The durable-queue worker: ``python -m trio_background.worker MODULE:REGISTRY --sqlite PATH``.
+
+It imports ``MODULE``, takes its `~trio_background.durable.TaskRegistry` named
+``REGISTRY``, and serves the queue in the SQLite file ``PATH`` through a runtime of its
+own until SIGINT or SIGTERM. Then it stops claiming, drains (running jobs finish, their
+outcomes are recorded; whatever the drain deadline cuts off is given back to the queue
+for another worker) and prints the runtime's shutdown report.
+
+Exit status: 0 after a clean drain, 1 if the drain deadline cut jobs off (they were
+given back to the queue, not lost), 2 on bad usage (a bad option, a module or registry
+that cannot be found, a file that is not a queue).
+
+.. versionadded:: 2.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import signal
+import sys
+from collections import Counter
+from collections.abc import Sequence
+
+import trio
+
+from . import BackgroundShutdownError, BackgroundStatistics, BackgroundTaskConfig
+from . import open_background_runtime as _open_runtime
+from ._store import SchemaVersionError
+from .durable import TaskRegistry, open_sqlite_queue
+
+USAGE_ERROR = 2
+CUT_OFF = 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m trio_background.worker",
+        description=(
+            "Serve a durable trio_background queue: claim its jobs, run them with bounded "
+            "concurrency, record how each ended. SIGINT or SIGTERM drains and stops "
+            "(later signals are ignored: the drain lasts --drain-timeout at most). "
+            "Exit status: 0 after a clean drain, 1 "
+            "if jobs were cut off at the drain deadline (they go back to the queue), 2 on "
+            "bad usage."
+        ),
+    )
+    parser.add_argument(
+        "registry",
+        metavar="MODULE:REGISTRY",
+        help="the module to import and the name of its TaskRegistry, e.g. myapp.jobs:tasks",
+    )
+    parser.add_argument(
+        "--sqlite",
+        metavar="PATH",
+        required=True,
+        help="the queue's SQLite file (created if missing); every worker of the queue opens it",
+    )
+    parser.add_argument(
+        "--concurrency",
+        metavar="N",
+        type=int,
+        default=16,
+        help="jobs run at once (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--queue-size",
+        metavar="N",
+        type=int,
+        default=64,
+        help="claimed jobs waiting for a free slot, at most (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        metavar="S",
+        type=float,
+        default=30.0,
+        help="seconds running jobs get to finish at shutdown (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--lease",
+        metavar="S",
+        type=float,
+        default=30.0,
+        help=(
+            "seconds a claim lasts without renewal: a job of a worker that died runs "
+            "again this long after its last renewal (default: %(default)s)"
+        ),
+    )
+    return parser
+
+
+def _load(parser: argparse.ArgumentParser, spec: str) -> TaskRegistry:
+    module_name, colon, attribute = spec.partition(":")
+    if not colon or not module_name or not attribute:
+        parser.error(f"expected MODULE:REGISTRY (e.g. myapp.jobs:tasks), got {spec!r}")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` does: modules of the current dir
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        parser.error(f"cannot import {module_name!r}: {exc}")
+    registry = getattr(module, attribute, None)
+    if not isinstance(registry, TaskRegistry):
+        what = "nothing" if registry is None else f"a {type(registry).__name__}"
+        parser.error(f"{spec} is {what}, not a trio_background.durable.TaskRegistry")
+    return registry
+
+
+def _summary(stats: BackgroundStatistics, how: str) -> str:
+    return (
+        f"stopped ({how}): {stats.completed} completed, {stats.failed} failed, "
+        f"{stats.timed_out} timed out, {stats.cancelled} cut off while running, "
+        f"{stats.dropped} given back unstarted"
+    )
+
+
+async def _serve(args: argparse.Namespace, registry: TaskRegistry) -> int:
+    config = BackgroundTaskConfig(
+        max_concurrent_tasks=args.concurrency,
+        max_queue_size=args.queue_size,
+        drain_timeout=args.drain_timeout,
+    )
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with open_sqlite_queue(args.sqlite, registry, lease=args.lease) as queue:
+            try:
+                async with _open_runtime(config) as runtime, trio.open_nursery() as nursery:
+                    await nursery.start(queue.serve, runtime)
+                    print(
+                        f"ready: serving {args.sqlite} (pid {os.getpid()}, "
+                        f"concurrency {args.concurrency})",
+                        flush=True,
+                    )
+                    async for _ in signals:
+                        break
+                    # Stop claiming; leaving the block drains. Further signals are
+                    # ignored (the drain lasts --drain-timeout at most).
+                    nursery.cancel_scope.cancel()
+            except BackgroundShutdownError as report:
+                print(_summary(report.statistics, "drain cut short"), flush=True)
+                for what, jobs in (
+                    ("cut off while running", report.cancelled),
+                    ("given back unstarted", report.dropped),
+                ):
+                    for name, count in Counter(job.name for job in jobs).items():
+                        print(f"  {what}: {name}" + (f" x{count}" if count > 1 else ""))
+                sys.stdout.flush()
+                return CUT_OFF
+        print(_summary(runtime.statistics(), "drained"), flush=True)
+        return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the worker; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    for name in ("concurrency", "queue_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not args.drain_timeout >= 0:
+        parser.error("--drain-timeout must be >= 0")
+    if not 0 < args.lease < float("inf"):
+        parser.error("--lease must be a positive number of seconds")
+    registry = _load(parser, args.registry)
+    try:
+        return trio.run(_serve, args, registry)
+    except SchemaVersionError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
