@@ -1,0 +1,387 @@
+"""Durable queues through a runtime: enqueue's checks, serving, outcomes, retries, drains.
+
+These run on real time, with short delays, backoffs and leases, and every wait has an
+explicit bound: the store works in threads (`trio.to_thread`), and a
+`trio.testing.MockClock` that autojumps would jump while a store call runs (every task
+is then blocked), expiring leases that were never at risk.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from trio_background import (
+    BackgroundShutdownError,
+    BackgroundTaskConfig,
+    QueueFullError,
+    Retry,
+    current_job,
+    open_background_runtime,
+)
+from trio_background._store import SQLiteStore
+from trio_background.durable import (
+    DeadLetter,
+    DurableQueue,
+    DurableStatistics,
+    SchemaVersionError,
+    TaskRegistry,
+    _open_queue,
+    open_sqlite_queue,
+)
+
+tasks = TaskRegistry()
+runs: list[tuple[str, Any, int, str | None]] = []  # (task, argument, attempt, request id)
+
+
+def ran(task: str, arg: Any) -> None:
+    job = current_job()
+    runs.append((task, arg, job.attempt, job.metadata.request_id))
+
+
+@tasks.task
+async def record(arg: Any) -> str:
+    ran("record", arg)
+    return "done"
+
+
+@tasks.task(name="flaky", retry=Retry(attempts=3, backoff=0.05, jitter=False))
+async def flaky(failures: int) -> None:
+    ran("flaky", failures)
+    if current_job().attempt <= failures:
+        raise ValueError(f"run {current_job().attempt} fails")
+
+
+@tasks.task(name="picky", retry=Retry(attempts=3, backoff=0.05, on=KeyError))
+async def picky() -> None:
+    raise ValueError("not a KeyError: never retried")
+
+
+@tasks.task(
+    name="slow",
+    timeout=0.2,
+    retry=Retry(attempts=2, backoff=0.05, jitter=False, on=trio.TooSlowError),
+)
+async def slow(seconds: float) -> None:
+    ran("slow", seconds)
+    await trio.sleep(seconds)
+
+
+@tasks.task(name="sleeper")
+async def sleeper(seconds: float) -> None:
+    ran("sleeper", seconds)
+    await trio.sleep(seconds)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_runs() -> None:
+    runs.clear()
+
+
+@asynccontextmanager
+async def queue_at(
+    path: Path,
+    *,
+    lease: float = 30.0,
+    max_pending: int | None = None,
+    keep_completed: float = 86400.0,
+) -> AsyncIterator[DurableQueue]:
+    store = SQLiteStore(str(path))
+    async with _open_queue(store, tasks, lease, max_pending, keep_completed) as queue:
+        yield queue
+
+
+def stats(**nonzero: int) -> DurableStatistics:
+    fields = dict.fromkeys(("pending", "scheduled", "running", "completed", "dead", "retried"), 0)
+    fields.update(nonzero)
+    return DurableStatistics(**fields)
+
+
+async def until(predicate: Callable[[], Any], limit: float = 10.0) -> None:
+    """Wait until ``await predicate()`` is true, looking every 10 ms, ``limit`` s at most."""
+    with trio.fail_after(limit):
+        while not await predicate():
+            await trio.sleep(0.01)
+
+
+async def served(
+    queue: DurableQueue, config: BackgroundTaskConfig, done: Callable[[DurableStatistics], bool]
+) -> Any:
+    """Serve ``queue`` into a new runtime until ``done(statistics)``; return the runtime."""
+    async with open_background_runtime(config) as runtime, trio.open_nursery() as nursery:
+        await nursery.start(queue.serve, runtime)
+
+        async def finished() -> bool:
+            return done(await queue.statistics())
+
+        await until(finished)
+        nursery.cancel_scope.cancel()
+    return runtime
+
+
+CONFIG = BackgroundTaskConfig(max_concurrent_tasks=4, max_queue_size=8, drain_timeout=60)
+
+
+# -- the registry ---------------------------------------------------------------------------
+
+
+def test_tasks_are_registered_under_stable_names() -> None:
+    registry = TaskRegistry()
+
+    async def job() -> None: ...
+
+    assert registry.task(job) is job
+    assert registry.get(f"{__name__}.test_tasks_are_registered_under_stable_names.<locals>.job")
+    assert registry.task(job) is job  # the same function again: fine
+
+    async def other() -> None: ...
+
+    with pytest.raises(ValueError, match="is taken by"):
+        registry.task(name=f"{__name__}.test_tasks_are_registered_under_stable_names.<locals>.job")(
+            other
+        )
+    with pytest.raises(ValueError, match="registered already"):
+        registry.task(name="renamed")(job)
+    assert registry.task(name="named", timeout=5)(other) is other
+    assert registry.get("named") is not None
+    with pytest.raises(TypeError, match="name must be a str"):
+        registry.task(name=3)  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match="retry must be a Retry"):
+        registry.task(retry=3)  # type: ignore[call-overload]
+    with pytest.raises(ValueError, match="timeout"):
+        registry.task(timeout=-1)
+
+
+# -- enqueue --------------------------------------------------------------------------------
+
+
+async def test_enqueue_refuses_what_it_cannot_store_and_stores_nothing(tmp_path: Path) -> None:
+    async def unregistered(x: int) -> None: ...
+
+    async with queue_at(tmp_path / "q.db") as queue:
+        with pytest.raises(TypeError, match="not a registered task"):
+            await queue.enqueue(unregistered, 1)
+        for bad in ((1, 2), {1: "a"}, {"a": (1,)}, math.nan, math.inf, b"x", {1, 2}, object()):
+            with pytest.raises(TypeError, match="JSON"):
+                await queue.enqueue(record, bad)
+        with pytest.raises(ValueError, match="delay"):
+            await queue.enqueue(record, 1, delay=-1)
+        with pytest.raises(ValueError, match="delay"):
+            await queue.enqueue(record, 1, delay=math.inf)
+        with pytest.raises(TypeError, match="request_id"):
+            await queue.enqueue(record, 1, request_id=5)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="dedupe_key"):
+            await queue.enqueue(record, 1, dedupe_key=5)  # type: ignore[arg-type]
+        assert await queue.statistics() == stats()
+        # JSON values of every kind come back equal.
+        value = {"s": "x", "i": 10**30, "f": 1.5, "b": True, "n": None, "l": [1, [2, {"k": []}]]}
+        job_id = await queue.enqueue(record, value, request_id="r-1")
+        assert isinstance(job_id, str)
+        assert await queue.status(job_id) == "pending"
+        await served(queue, CONFIG, lambda s: s.completed == 1)
+    assert runs == [("record", value, 1, "r-1")]
+
+
+async def test_dedupe_and_max_pending(tmp_path: Path) -> None:
+    async with queue_at(tmp_path / "q.db", max_pending=2) as queue:
+        first = await queue.enqueue(record, 1, dedupe_key="k")
+        assert await queue.enqueue(record, 2, dedupe_key="k") == first
+        await queue.enqueue(record, 3)
+        with pytest.raises(QueueFullError):
+            await queue.enqueue(record, 4)
+        assert await queue.enqueue(record, 5, dedupe_key="k") == first  # never QueueFullError
+        assert await queue.statistics() == stats(pending=2)
+        await served(queue, CONFIG, lambda s: s.completed == 2)
+        assert await queue.enqueue(record, 6, dedupe_key="k") != first
+    assert sorted(arg for _, arg, _, _ in runs) == [1, 3]
+
+
+# -- serving --------------------------------------------------------------------------------
+
+
+async def test_jobs_run_through_the_runtime_in_order(tmp_path: Path) -> None:
+    async with queue_at(tmp_path / "q.db") as queue:
+        for i in range(20):
+            await queue.enqueue(record, i, request_id=f"r{i}")
+        later = await queue.enqueue(record, "later", delay=0.3)
+        assert await queue.status(later) == "scheduled"
+        one = BackgroundTaskConfig(max_concurrent_tasks=1, max_queue_size=1)
+        runtime = await served(queue, one, lambda s: s.completed == 21)
+        assert await queue.status(later) == "completed"
+    assert runs == [("record", i, 1, f"r{i}") for i in range(20)] + [("record", "later", 1, None)]
+    s = runtime.statistics()
+    assert (s.accepted, s.completed, s.failed) == (21, 21, 0)
+
+
+async def test_serve_claims_no_more_than_the_runtime_has_room_for(tmp_path: Path) -> None:
+    config = BackgroundTaskConfig(max_concurrent_tasks=2, max_queue_size=3, drain_timeout=60)
+    async with queue_at(tmp_path / "q.db") as queue:
+        for _ in range(30):
+            await queue.enqueue(sleeper, 0.05)
+        most = 0
+        async with open_background_runtime(config) as runtime, trio.open_nursery() as nursery:
+            await nursery.start(queue.serve, runtime)
+            while (s := await queue.statistics()).completed < 30:
+                most = max(most, s.running)
+                r = runtime.statistics()
+                assert r.queued <= 3 and r.running <= 2
+                assert s.running <= 5  # claimed: in the slots or the queue places
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        assert most == 5
+        assert await queue.statistics() == stats(completed=30)
+
+
+async def test_failed_runs_retry_by_the_task_policy_then_go_dead(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with queue_at(tmp_path / "q.db") as queue:
+        recovers = await queue.enqueue(flaky, 2)
+        never = await queue.enqueue(flaky, 5)
+        wrong = await queue.enqueue(picky)
+        await served(queue, CONFIG, lambda s: s.completed + s.dead == 3)
+        assert await queue.statistics() == stats(completed=1, dead=2, retried=4)
+        assert await queue.status(recovers) == "completed"
+        letters = await queue.dead_letters()
+        assert [(d.job_id, d.task, d.args, d.attempts, d.error) for d in letters] == [
+            (wrong, "picky", [], 1, "ValueError: not a KeyError: never retried"),
+            (never, "flaky", [5], 3, "ValueError: run 3 fails"),
+        ] or [(d.job_id, d.task, d.args, d.attempts, d.error) for d in letters] == [
+            (never, "flaky", [5], 3, "ValueError: run 3 fails"),
+            (wrong, "picky", [], 1, "ValueError: not a KeyError: never retried"),
+        ]
+        assert all(isinstance(d, DeadLetter) for d in letters)
+        # Requeued, it runs again from attempt 1.
+        with pytest.raises(ValueError, match="no dead job"):
+            await queue.requeue(recovers)
+        with pytest.raises(ValueError, match="no dead job"):
+            await queue.requeue("nope")
+        runs.clear()
+        await queue.requeue(never)
+        assert await queue.status(never) == "pending"
+        await served(
+            queue, CONFIG, lambda s: s.dead == 2 and s.pending + s.running + s.scheduled == 0
+        )
+    assert [attempt for _, _, attempt, _ in runs] == [1, 2, 3]
+    assert sorted(a for t, a, att, _ in runs if t == "flaky") == [5, 5, 5]
+
+
+async def test_a_timed_out_run_is_retried_when_the_policy_says_so(tmp_path: Path) -> None:
+    async with queue_at(tmp_path / "q.db") as queue:
+        job_id = await queue.enqueue(slow, 10.0)  # past its 0.2 s timeout, twice
+        await served(queue, CONFIG, lambda s: s.dead == 1)
+        (letter,) = await queue.dead_letters()
+        assert (letter.job_id, letter.attempts, letter.error) == (
+            job_id,
+            2,
+            "timed out after 0.2 seconds",
+        )
+        assert (await queue.statistics()).retried == 1
+
+
+async def test_poison_payloads_go_dead_and_the_worker_carries_on(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    async with queue_at(path) as queue:
+        bad_json = await queue.enqueue(record, "will be spoiled")
+        unknown = await queue.enqueue(record, "renamed task")
+        not_a_list = await queue.enqueue(record, "not a list")
+        good = await queue.enqueue(record, "fine")
+        db = sqlite3.connect(path)
+        db.execute("UPDATE jobs SET payload = '[1, 2' WHERE id = ?", (int(bad_json),))
+        db.execute("UPDATE jobs SET task = 'gone.task' WHERE id = ?", (int(unknown),))
+        db.execute("UPDATE jobs SET payload = '{}' WHERE id = ?", (int(not_a_list),))
+        db.commit()
+        db.close()
+        await served(queue, CONFIG, lambda s: s.completed + s.dead == 4)
+        assert await queue.statistics() == stats(completed=1, dead=3)
+        letters = {d.job_id: d for d in await queue.dead_letters()}
+        assert letters[bad_json].args is None
+        assert "could not be decoded" in (letters[bad_json].error or "")
+        assert "unknown task 'gone.task'" in (letters[unknown].error or "")
+        assert "JSON array" in (letters[not_a_list].error or "")
+        assert await queue.status(good) == "completed"
+    assert runs == [("record", "fine", 1, None)]
+
+
+async def test_leases_are_renewed_while_a_job_runs_past_them(tmp_path: Path) -> None:
+    async with queue_at(tmp_path / "q.db", lease=0.3) as queue:
+        await queue.enqueue(sleeper, 1.2)  # four leases long
+        await served(queue, CONFIG, lambda s: s.completed == 1)
+        assert await queue.statistics() == stats(completed=1)  # never reclaimed
+    assert len(runs) == 1
+
+
+async def test_a_drain_cut_off_gives_jobs_back_without_using_an_attempt(tmp_path: Path) -> None:
+    config = BackgroundTaskConfig(max_concurrent_tasks=1, max_queue_size=2, drain_timeout=0.5)
+    path = tmp_path / "q.db"
+    async with queue_at(path) as queue:
+        quick = await queue.enqueue(sleeper, 0.05)
+        long = await queue.enqueue(sleeper, 3.0)
+        waiting = await queue.enqueue(sleeper, 0.05)
+        with pytest.raises(BackgroundShutdownError) as info:
+            async with open_background_runtime(config) as runtime, trio.open_nursery() as nursery:
+                await nursery.start(queue.serve, runtime)
+                await until(lambda: _is(queue, long, "running"))
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.cancel_scope.cancel()  # serve stops; the drain begins
+        assert [job.name for job in info.value.cancelled] == ["sleeper"]
+        assert [job.name for job in info.value.dropped] == ["sleeper"]
+        assert await queue.status(quick) == "completed"  # recorded after serve() ended
+        assert await queue.status(long) == "pending"
+        assert await queue.status(waiting) == "pending"
+        assert await queue.statistics() == stats(pending=2, completed=1)
+        runs.clear()
+        await served(queue, BackgroundTaskConfig(drain_timeout=600), lambda s: s.completed == 3)
+    assert sorted(runs) == [("sleeper", 0.05, 1, None), ("sleeper", 3.0, 1, None)]  # attempt 1
+
+
+async def _is(queue: DurableQueue, job_id: str, status: str) -> bool:
+    return await queue.status(job_id) == status
+
+
+async def test_open_sqlite_queue_checks_its_arguments_and_the_schema(tmp_path: Path) -> None:
+    for kwargs, error in (
+        ({"lease": 0}, ValueError),
+        ({"lease": math.inf}, ValueError),
+        ({"lease": "1"}, TypeError),
+        ({"max_pending": 0}, ValueError),
+        ({"max_pending": True}, TypeError),
+        ({"max_pending": 1.5}, TypeError),
+        ({"keep_completed": -1}, ValueError),
+    ):
+        with pytest.raises(error):
+            async with open_sqlite_queue(tmp_path / "q.db", tasks, **kwargs):
+                pass  # pragma: no cover
+    with pytest.raises(TypeError, match="TaskRegistry"):
+        async with open_sqlite_queue(tmp_path / "q.db", {}):  # type: ignore[arg-type]
+            pass  # pragma: no cover
+    db = sqlite3.connect(tmp_path / "other.db")
+    db.execute("CREATE TABLE t (x)")
+    db.close()
+    with pytest.raises(SchemaVersionError):
+        async with open_sqlite_queue(tmp_path / "other.db", tasks):
+            pass  # pragma: no cover
+    async with open_sqlite_queue(tmp_path / "q.db", tasks) as queue:
+        assert await queue.statistics() == stats()
+        assert await queue.status("1") is None
+
+
+async def test_a_job_that_fails_logs_like_any_other(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with queue_at(tmp_path / "q.db") as queue:
+        await queue.enqueue(picky, request_id="req-9")
+        await served(queue, CONFIG, lambda s: s.dead == 1)
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert [r.getMessage() for r in errors] == [
+        "background job 'picky' failed (request_id='req-9')"
+    ]
