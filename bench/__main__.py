@@ -29,6 +29,7 @@ from pathlib import Path
 from types import ModuleType
 
 from . import _scenarios as scenarios
+from ._durable import durable as durable_section
 from ._report import chart, render
 from ._scenarios import Section
 from ._util import log
@@ -46,6 +47,7 @@ SECTIONS = (
     "send",
     "release",
     "scheduling",
+    "durable",
 )
 
 
@@ -143,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             sections[key] = scenarios.release(tb, sizes, count_instructions=args.instructions)
         elif key == "scheduling":
             sections[key] = scenarios.scheduling(tb, sizes)
+        elif key == "durable":
+            sections[key] = durable_section(tb, sizes)
         else:
             sections[key] = scenarios.send(tb, sizes)
         log(f"{key}: {time.perf_counter() - section_started:,.1f} s")

@@ -51,6 +51,7 @@ class Sizes:
     instrument_rounds: int
     send: int
     scheduling: int
+    durable: int
 
 
 FULL = Sizes(
@@ -69,6 +70,7 @@ FULL = Sizes(
     instrument_rounds=21,
     send=100_000,
     scheduling=100_000,
+    durable=5_000,
 )
 
 # The same rounds, queue, submitters and load as FULL; fewer jobs and samples.
@@ -85,6 +87,7 @@ QUICK = replace(
     instrument_rounds=11,
     send=5_000,
     scheduling=5_000,
+    durable=500,
 )
 
 

@@ -1,0 +1,358 @@
+"""The worker process: its command line, its drain on SIGTERM, and durability under kill -9.
+
+Real processes, real time, local files only; every wait has an explicit bound, and every
+process a test starts is stopped by PID before the test ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import select
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import durable_tasks
+import pytest
+import trio
+
+from trio_background.durable import DurableStatistics, open_sqlite_queue
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
+
+def worker_command(path: Path, *options: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "trio_background.worker",
+        "durable_tasks:tasks",
+        "--sqlite",
+        str(path),
+        *options,
+    ]
+
+
+def environment(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TESTS), env.get("PYTHONPATH", "")])
+    env["TB_RUN_LOG"] = str(tmp_path / "runs.log")
+    env["TB_EFFECTS"] = str(tmp_path / "effects.db")
+    return env
+
+
+class Worker:
+    """One worker process, started and waited for until it prints ``ready``."""
+
+    def __init__(self, tmp_path: Path, path: Path, *options: str) -> None:
+        self.proc = subprocess.Popen(
+            worker_command(path, *options),
+            cwd=tmp_path,
+            env=environment(tmp_path),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self.output = b""
+        line = self.readline(20.0)
+        assert line.startswith(b"ready"), (
+            line,
+            self.proc.stderr.read() if self.proc.poll() else b"",
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def readline(self, timeout: float) -> bytes:
+        deadline = time.monotonic() + timeout
+        stdout = self.proc.stdout
+        assert stdout is not None
+        while b"\n" not in self.output:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no line from the worker within {timeout} s: {self.output!r}"
+            ready, _, _ = select.select([stdout], [], [], left)
+            if ready:
+                chunk = os.read(stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                self.output += chunk
+        line, _, self.output = self.output.partition(b"\n")
+        return line
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> tuple[int, str, str]:
+        """Send ``sig``, wait for the exit; return (status, stdout, stderr)."""
+        self.proc.send_signal(sig)
+        out, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, (self.output + out).decode(), err.decode()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate(timeout=20)
+
+
+@pytest.fixture
+def workers() -> Iterator[list[Worker]]:
+    """Every worker a test starts; any still alive at the end is killed by PID."""
+    started: list[Worker] = []
+    yield started
+    for worker in started:
+        if worker.proc.poll() is None:
+            worker.proc.kill()
+            worker.proc.wait(timeout=20)
+
+
+def make_effects(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / "effects.db")
+    db.execute("CREATE TABLE effects (n INTEGER PRIMARY KEY)")
+    db.commit()
+    db.close()
+
+
+def run_lines(tmp_path: Path) -> list[list[str]]:
+    log = tmp_path / "runs.log"
+    if not log.exists():
+        return []
+    return [line.split() for line in log.read_text().splitlines()]
+
+
+async def statistics(path: Path) -> DurableStatistics:
+    async with open_sqlite_queue(path, durable_tasks.tasks) as queue:
+        return await queue.statistics()
+
+
+async def wait_for(path: Path, predicate: object, timeout: float) -> DurableStatistics:
+    with trio.fail_after(timeout):
+        while True:
+            stats = await statistics(path)
+            if predicate(stats):  # type: ignore[operator]
+                return stats
+            await trio.sleep(0.05)
+
+
+# -- the command line -----------------------------------------------------------------------
+
+
+def test_help_lists_every_option_and_the_exit_statuses() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "trio_background.worker", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0
+    for option in (
+        "MODULE:REGISTRY",
+        "--sqlite",
+        "--concurrency",
+        "--queue-size",
+        "--drain-timeout",
+        "--lease",
+    ):
+        assert option in proc.stdout
+    assert "Exit status: 0" in " ".join(proc.stdout.split())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["durable_tasks:tasks"], "--sqlite"),
+        (["durable_tasks", "--sqlite", "q.db"], "expected MODULE:REGISTRY"),
+        (["no_such_module:tasks", "--sqlite", "q.db"], "cannot import 'no_such_module'"),
+        (["durable_tasks:nothing", "--sqlite", "q.db"], "is nothing, not a"),
+        (["durable_tasks:os", "--sqlite", "q.db"], "is a module, not a"),
+        (
+            ["durable_tasks:tasks", "--sqlite", "q.db", "--concurrency", "0"],
+            "--concurrency must be >= 1",
+        ),
+        (["durable_tasks:tasks", "--sqlite", "q.db", "--lease", "0"], "--lease must be"),
+        (["durable_tasks:tasks", "--sqlite", "q.db", "--drain-timeout", "-1"], "--drain-timeout"),
+        (["durable_tasks:tasks", "--sqlite", "foreign.db"], "not a trio_background queue"),
+    ],
+)
+def test_bad_usage_exits_2_with_a_message(tmp_path: Path, args: list[str], message: str) -> None:
+    foreign = sqlite3.connect(tmp_path / "foreign.db")
+    foreign.execute("CREATE TABLE t (x)")
+    foreign.close()
+    proc = subprocess.run(
+        [sys.executable, "-m", "trio_background.worker", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=environment(tmp_path),
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# -- SIGTERM --------------------------------------------------------------------------------
+
+
+async def test_sigterm_drains_then_exits_0(tmp_path: Path, workers: list[Worker]) -> None:
+    path = tmp_path / "q.db"
+    async with open_sqlite_queue(path, durable_tasks.tasks) as queue:
+        for i in range(40):
+            await queue.enqueue(durable_tasks.nap, str(i), 0.05)
+    worker = Worker(tmp_path, path, "--concurrency", "4", "--queue-size", "4")
+    workers.append(worker)
+    await wait_for(path, lambda s: s.completed >= 8, 20)
+    status, out, err = worker.stop(signal.SIGTERM)
+    assert status == 0, err
+    summary = out.splitlines()[-1]
+    assert summary.startswith("stopped (drained):")
+    stats = await statistics(path)
+    assert stats.running == 0
+    assert stats.completed + stats.pending == 40
+    assert f"{stats.completed} completed" in summary
+    assert len(run_lines(tmp_path)) == stats.completed  # every run that began, recorded
+
+
+async def test_a_drain_cut_short_gives_jobs_back_and_exits_1(
+    tmp_path: Path, workers: list[Worker]
+) -> None:
+    path = tmp_path / "q.db"
+    async with open_sqlite_queue(path, durable_tasks.tasks) as queue:
+        ids = [await queue.enqueue(durable_tasks.nap, str(i), 30.0) for i in range(6)]
+    worker = Worker(
+        tmp_path, path, "--concurrency", "2", "--queue-size", "2", "--drain-timeout", "0.2"
+    )
+    workers.append(worker)
+    await wait_for(path, lambda s: s.running == 4, 20)
+    status, out, err = worker.stop(signal.SIGINT)
+    assert status == 1, err
+    lines = out.splitlines()
+    assert lines[-3].startswith("stopped (drain cut short): 0 completed")
+    assert lines[-2:] == ["  cut off while running: nap x2", "  given back unstarted: nap x2"]
+    assert await statistics(path) == DurableStatistics(6, 0, 0, 0, 0, 0)  # no attempt used
+    async with open_sqlite_queue(path, durable_tasks.tasks) as queue:
+        assert {await queue.status(i) for i in ids} == {"pending"}
+
+
+# -- leases and fencing ---------------------------------------------------------------------
+
+
+async def test_a_stopped_workers_job_is_reclaimed_and_its_late_result_ignored(
+    tmp_path: Path, workers: list[Worker]
+) -> None:
+    path = tmp_path / "q.db"
+    async with open_sqlite_queue(path, durable_tasks.tasks) as queue:
+        job_id = await queue.enqueue(durable_tasks.nap, "slow", 1.0)
+    first = Worker(tmp_path, path, "--lease", "0.5")
+    workers.append(first)
+    await wait_for(path, lambda s: s.running == 1, 20)
+    first.proc.send_signal(signal.SIGSTOP)  # past its lease: a zombie
+    try:
+        second = Worker(tmp_path, path, "--lease", "0.5")
+        workers.append(second)
+        stats = await wait_for(path, lambda s: s.completed == 1, 20)
+    finally:
+        first.proc.send_signal(signal.SIGCONT)
+    assert stats == DurableStatistics(0, 0, 0, 1, 0, 1)
+    # The zombie wakes up, finishes its run and tries to record it: refused.
+    with trio.fail_after(20):
+        while len(run_lines(tmp_path)) < 2:
+            await trio.sleep(0.05)
+    status, _, err = first.stop()
+    assert status == 0
+    assert "its lease was lost" in err or "lease expired before it was renewed" in err
+    assert second.stop()[0] == 0
+    assert await statistics(path) == DurableStatistics(0, 0, 0, 1, 0, 1)  # counted nowhere
+    runs = run_lines(tmp_path)
+    assert sorted((int(pid), int(attempt)) for pid, _, _, attempt in runs) == sorted(
+        [(first.pid, 1), (second.pid, 2)]
+    )
+    async with open_sqlite_queue(path, durable_tasks.tasks) as queue:
+        assert await queue.status(job_id) == "completed"
+
+
+# -- kill -9 --------------------------------------------------------------------------------
+
+JOBS = 5000
+WORKERS = 3
+CHAOS_SECONDS = 6.0
+
+
+def claimed_by(path: Path, pid: int) -> int:
+    db = sqlite3.connect(path, timeout=60)
+    try:
+        (n,) = db.execute(
+            "SELECT COUNT(*) FROM jobs WHERE state = 'running' AND worker LIKE ?",
+            (f"%:{pid}:%",),
+        ).fetchone()
+    finally:
+        db.close()
+    return int(n)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("round_", range(3))
+async def test_kill_9_chaos_loses_nothing_and_bounds_the_duplicates(
+    tmp_path: Path, workers: list[Worker], round_: int
+) -> None:
+    rng = random.Random(round_)
+    path = tmp_path / "q.db"
+    make_effects(tmp_path)
+    began = time.monotonic()
+    async with open_sqlite_queue(path, durable_tasks.tasks) as queue:
+        for n in range(JOBS):
+            await queue.enqueue(durable_tasks.effect, n, 0.01)
+    options = ("--concurrency", "16", "--queue-size", "8", "--lease", "1.0", "--drain-timeout", "1")
+    alive = [Worker(tmp_path, path, *options) for _ in range(WORKERS)]
+    workers.extend(alive)
+    kills = at_risk = 0
+    chaos_end = time.monotonic() + CHAOS_SECONDS
+    while time.monotonic() < chaos_end:
+        await trio.sleep(rng.uniform(0.3, 0.7))
+        victim = rng.randrange(WORKERS)
+        # Frozen first, so that what it holds cannot change before the kill.
+        alive[victim].proc.send_signal(signal.SIGSTOP)
+        at_risk += claimed_by(path, alive[victim].pid)  # claimed = "running" in the store
+        alive[victim].kill()
+        kills += 1
+        alive[victim] = Worker(tmp_path, path, *options)
+        workers.append(alive[victim])
+    stats = await wait_for(path, lambda s: s.completed == JOBS, 120)
+    for worker in alive:
+        assert worker.stop()[0] == 0
+    wall = time.monotonic() - began
+    assert stats == DurableStatistics(0, 0, 0, JOBS, 0, stats.retried)
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'completed'").fetchone() == (JOBS,)
+    db.close()
+    effects = sqlite3.connect(tmp_path / "effects.db")
+    assert effects.execute("SELECT COUNT(*), MIN(n), MAX(n) FROM effects").fetchone() == (
+        JOBS,
+        0,
+        JOBS - 1,
+    )
+    effects.close()
+    runs = run_lines(tmp_path)
+    done = {int(n) for _, _, n, _ in runs}
+    assert done == set(range(JOBS))
+    duplicates = len(runs) - JOBS
+    assert 0 <= duplicates <= at_risk
+    assert stats.retried <= at_risk
+    figures = {
+        "round": round_,
+        "jobs": JOBS,
+        "kills": kills,
+        "claimed at kills": at_risk,
+        "duplicate runs": duplicates,
+        "retried": stats.retried,
+        "wall seconds": round(wall, 1),
+    }
+    report = os.environ.get("TB_CHAOS_REPORT")
+    if report:
+        with open(report, "a") as f:
+            f.write(json.dumps(figures) + "\n")
+    assert kills >= CHAOS_SECONDS / 0.7 - 1
