@@ -109,7 +109,7 @@ def stats(**nonzero: int) -> DurableStatistics:
 async def until(predicate: Callable[[], Any], limit: float = 10.0) -> None:
     """Wait until ``await predicate()`` is true, looking every 10 ms, ``limit`` s at most."""
     with trio.fail_after(limit):
-        while not await predicate():
+        while not await predicate():  # noqa: ASYNC110 (the store's state, read in a thread)
             await trio.sleep(0.01)
 
 
@@ -233,7 +233,8 @@ async def test_serve_claims_no_more_than_the_runtime_has_room_for(tmp_path: Path
             while (s := await queue.statistics()).completed < 30:
                 most = max(most, s.running)
                 r = runtime.statistics()
-                assert r.queued <= 3 and r.running <= 2
+                assert r.queued <= 3
+                assert r.running <= 2
                 assert s.running <= 5  # claimed: in the slots or the queue places
                 await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
@@ -260,6 +261,18 @@ async def test_failed_runs_retry_by_the_task_policy_then_go_dead(
             (wrong, "picky", [], 1, "ValueError: not a KeyError: never retried"),
         ]
         assert all(isinstance(d, DeadLetter) for d in letters)
+        # A run the queue retries is a warning with its attempt; the last run, an error.
+        flaky_logs = [
+            (r.levelname, r.getMessage())
+            for r in caplog.records
+            if r.getMessage().startswith("background job 'flaky'")
+        ]
+        assert flaky_logs.count(("ERROR", "background job 'flaky' failed")) == 1
+        assert (
+            "WARNING",
+            "background job 'flaky' failed on attempt 2 of 3; retrying in 0.1 seconds",
+        ) in flaky_logs
+        assert len(flaky_logs) == 5  # (2 runs of one job, 3 of the other)
         # Requeued, it runs again from attempt 1.
         with pytest.raises(ValueError, match="no dead job"):
             await queue.requeue(recovers)

@@ -61,10 +61,9 @@ class Worker:
         )
         self.output = b""
         line = self.readline(20.0)
-        assert line.startswith(b"ready"), (
-            line,
-            self.proc.stderr.read() if self.proc.poll() else b"",
-        )
+        stderr = self.proc.stderr
+        assert stderr is not None
+        assert line.startswith(b"ready"), (line, stderr.read() if self.proc.poll() else b"")
 
     @property
     def pid(self) -> int:
@@ -128,8 +127,9 @@ async def statistics(path: Path) -> DurableStatistics:
         return await queue.statistics()
 
 
-async def wait_for(path: Path, predicate: object, timeout: float) -> DurableStatistics:
-    with trio.fail_after(timeout):
+async def wait_for(path: Path, predicate: object, limit: float) -> DurableStatistics:
+    """Read the queue's statistics every 50 ms until ``predicate`` holds, ``limit`` s at most."""
+    with trio.fail_after(limit):
         while True:
             stats = await statistics(path)
             if predicate(stats):  # type: ignore[operator]
@@ -260,7 +260,7 @@ async def test_a_stopped_workers_job_is_reclaimed_and_its_late_result_ignored(
     assert stats == DurableStatistics(0, 0, 0, 1, 0, 1)
     # The zombie wakes up, finishes its run and tries to record it: refused.
     with trio.fail_after(20):
-        while len(run_lines(tmp_path)) < 2:
+        while len(run_lines(tmp_path)) < 2:  # noqa: ASYNC110 (another process's file)
             await trio.sleep(0.05)
     status, _, err = first.stop()
     assert status == 0
@@ -353,6 +353,6 @@ async def test_kill_9_chaos_loses_nothing_and_bounds_the_duplicates(
     }
     report = os.environ.get("TB_CHAOS_REPORT")
     if report:
-        with open(report, "a") as f:
+        with Path(report).open("a") as f:  # noqa: ASYNC230 (one line, after the test)
             f.write(json.dumps(figures) + "\n")
     assert kills >= CHAOS_SECONDS / 0.7 - 1

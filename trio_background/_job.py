@@ -286,6 +286,7 @@ class Schedule:
         "place",
         "retried",
         "retry",
+        "retry_elsewhere",
     )
 
     def __init__(self, retry: Retry | None, key: str | None) -> None:
@@ -306,6 +307,9 @@ class Schedule:
         #: Whether it waits (scheduled or queued) for its second or later run: it then
         #: holds no queue place.
         self.retried = False
+        #: When something else (a durable queue) runs the job again, as decided when
+        #: this run ended: (seconds until then, runs allowed in all); None if it does not.
+        self.retry_elsewhere: tuple[float, int] | None = None
 
 
 def current_job() -> BackgroundJob[Any]:

@@ -275,11 +275,19 @@ class Runtime:
         self.report_admitted(events)
         meta = job._meta()
         job._release()
+        sched = job._sched
+        again = ""
+        if sched is not None and sched.retry_elsewhere is not None:
+            delay, attempts = sched.retry_elsewhere
+            again = f" on attempt {sched.attempt} of {attempts}; retrying in {delay:.3g} seconds"
         if outcome == FAILED and fatal is None:
             assert failure is not None
-            self.log_error(meta, "failed", failure)
+            if again:
+                self.log_warning(meta, "failed" + again, failure)
+            else:
+                self.log_error(meta, "failed", failure)
         elif outcome == TIMED_OUT:
-            self.log_warning(meta, f"timed out after {job._timeout:g} seconds")
+            self.log_warning(meta, f"timed out after {job._timeout:g} seconds{again}")
         elif outcome == CANCELLED and not by_handle:
             self.log_warning(meta, "cancelled at shutdown")
         if cleanup is not None:

@@ -301,6 +301,8 @@ class DurableQueue:
         self._to_record = trio.Event()
         self._recorded = trio.Event()  # set after each batch: a job ended, room may be free
         self._enqueued = trio.Event()  # set by enqueue: work for a serve() of this process
+        self._writing = 0  # batches of outcomes being written now
+        self._written = trio.Event()  # set (and replaced) after each batch is written
         self._closed = False  # no more enqueue() or serve()
         self._gone = False  # closed, and every claim recorded or given back
         self._recorder_started = False
@@ -500,6 +502,8 @@ class DurableQueue:
             if retry is not None and claim.attempt < retry.attempts and isinstance(error, retry.on):
                 delay = retry.delay(claim.attempt, random.random)
                 outcome = Outcome(claim.job_id, claim.token, "retry", text, delay)
+                assert job._sched is not None
+                job._sched.retry_elsewhere = (delay, retry.attempts)  # (logged as a retry)
             else:
                 outcome = Outcome(claim.job_id, claim.token, "dead", text)
         else:  # cancelled or dropped by the runtime: another worker may run it
@@ -525,8 +529,14 @@ class DurableQueue:
         while self._outcomes:
             batch = list(self._outcomes)
             self._outcomes.clear()
-            with trio.CancelScope(shield=True):
-                held = await self._store.record(batch)
+            self._writing += 1
+            try:
+                with trio.CancelScope(shield=True):
+                    held = await self._store.record(batch)
+            finally:
+                self._writing -= 1
+                self._written.set()
+                self._written = trio.Event()
             for outcome, ok in zip(batch, held, strict=True):
                 self._held.pop(outcome.job_id, None)
                 if not ok and outcome.verdict != "release":
@@ -570,8 +580,21 @@ class DurableQueue:
 
     # -- inspecting ---------------------------------------------------------------------------
 
+    async def _settle(self) -> None:
+        """Record every outcome noted so far: what this process did, it reads back."""
+        while self._outcomes or self._writing:
+            if self._outcomes:
+                await self._flush()
+            else:
+                await self._written.wait()
+
     async def statistics(self) -> DurableStatistics:
-        """Count the queue's jobs, all at one instant (one transaction)."""
+        """Count the queue's jobs, all at one instant (one transaction).
+
+        Outcomes of this process's jobs that ended before the call are recorded
+        first, so a process always sees its own jobs' ends.
+        """
+        await self._settle()
         c = await self._store.counts()
         return DurableStatistics(c.pending, c.scheduled, c.running, c.completed, c.dead, c.retried)
 
@@ -585,11 +608,13 @@ class DurableQueue:
         """
         if not isinstance(job_id, str):
             raise TypeError(f"job_id must be a str, not {type(job_id).__name__}")
+        await self._settle()
         return await self._store.status(job_id)
 
     async def dead_letters(self) -> list[DeadLetter]:
         """The jobs in the dead letters, oldest first."""
         letters = []
+        await self._settle()
         for dead in await self._store.dead_jobs():
             try:
                 args = json.loads(dead.payload)
