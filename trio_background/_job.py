@@ -286,6 +286,7 @@ class Schedule:
         "place",
         "retried",
         "retry",
+        "unreported_due",
     )
 
     def __init__(self, retry: Retry | None, key: str | None) -> None:
@@ -306,6 +307,8 @@ class Schedule:
         #: Whether it waits (scheduled or queued) for its second or later run: it then
         #: holds no queue place.
         self.retried = False
+        #: Whether it became due and instruments with ``job_due`` have not been told yet.
+        self.unreported_due = False
 
 
 def current_job() -> BackgroundJob[Any]:
