@@ -199,6 +199,69 @@ PROFILE = settings.get_profile("long" if LONG else "ci")
 # -- scheduling -----------------------------------------------------------------------------
 
 
+class Tracker:
+    """An instrument that follows every job through its hooks, by its metadata object.
+
+    Each hook must be a legal next step for the job (``job_accepted`` first, then
+    ``job_scheduled`` and ``job_due`` around every wait for a due time, ``job_started``
+    only when queued, ``job_retrying`` or ``job_finished`` only when running, and so on),
+    and `statuses` counts the jobs in each state: for jobs whose code has begun, these
+    are the runtime's statuses, counted here from the hooks alone.
+    """
+
+    def __init__(self) -> None:
+        self.state: dict[int, tuple[BackgroundJobMetadata, str]] = {}
+        #: Illegal steps, as ``"name: state -> hook"`` (a hook that raised would be removed).
+        self.errors: list[str] = []
+
+    def move(self, job: BackgroundJobMetadata, before: tuple[str | None, ...], after: str) -> None:
+        now = self.state.get(id(job))
+        if (now[1] if now else None) not in before:
+            self.errors.append(f"{job.name}: {now[1] if now else None} -> {after}")
+        self.state[id(job)] = (job, after)
+
+    def job_accepted(self, job: BackgroundJobMetadata) -> None:
+        self.move(job, (None,), "queued")
+
+    def job_scheduled(self, job: BackgroundJobMetadata, delay: float) -> None:
+        self.move(job, ("queued",) if delay > 0 else (), "scheduled")
+
+    def job_due(self, job: BackgroundJobMetadata) -> None:
+        self.move(job, ("scheduled",), "queued")
+
+    def job_started(self, job: BackgroundJobMetadata) -> None:
+        self.move(job, ("queued",), "running")
+
+    def job_retrying(
+        self, job: BackgroundJobMetadata, exception: BaseException, delay: float
+    ) -> None:
+        self.move(job, ("running",), "scheduled")
+
+    def job_finished(self, job: BackgroundJobMetadata, outcome: str, duration: float) -> None:
+        self.move(job, ("running",), outcome)
+
+    def job_dropped(self, job: BackgroundJobMetadata) -> None:
+        self.move(job, ("queued", "scheduled"), "dropped")
+
+    def statuses(self) -> dict[str, int]:
+        result = dict.fromkeys(
+            (
+                "scheduled",
+                "queued",
+                "running",
+                "completed",
+                "failed",
+                "timed_out",
+                "cancelled",
+                "dropped",
+            ),
+            0,
+        )
+        for _, status in self.state.values():
+            result[status] += 1
+        return result
+
+
 async def random_waits(
     rng: random.Random,
     runtime: BackgroundRuntime,

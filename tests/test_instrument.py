@@ -51,10 +51,10 @@ def test_instrument_base_hooks_do_nothing() -> None:
     job = BackgroundJobMetadata()
     for hook in ("job_accepted", "job_due", "job_rejected", "job_started", "job_dropped"):
         assert getattr(instrument, hook)(job) is None
-    assert instrument.job_scheduled(job, 1.0) is None
-    assert instrument.job_failed(job, ValueError()) is None
-    assert instrument.job_retrying(job, ValueError(), 1.0) is None
-    assert instrument.job_finished(job, "completed", 0.0) is None
+    instrument.job_scheduled(job, 1.0)
+    instrument.job_failed(job, ValueError())
+    instrument.job_retrying(job, ValueError(), 1.0)
+    instrument.job_finished(job, "completed", 0.0)
 
 
 class EventLog(BackgroundInstrument):

@@ -8,12 +8,14 @@ import random
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
-from helpers import random_waits
+from helpers import Tracker, random_waits
 from prometheus_client import REGISTRY, CollectorRegistry, Gauge, generate_latest
 
 import trio_background
@@ -23,6 +25,7 @@ from trio_background import (
     BackgroundShutdownError,
     BackgroundTaskConfig,
     QueueFullError,
+    Retry,
     open_background_runtime,
 )
 from trio_background.prometheus import DEFAULT_BUCKETS, PrometheusInstrument
@@ -523,3 +526,132 @@ async def test_retries_are_counted_and_the_gauges_stay_exact(
         jobs_accepted_total=1, jobs_retried_total=2, completed=1
     )
     assert value(registry, "trio_background_job_duration_seconds_count", job="flaky") == 1
+
+
+# -- hooks that interrupt or re-enter the runtime -------------------------------------------
+
+
+class Interrupting:
+    """An instrument whose hook ``hook`` raises KeyboardInterrupt once, or calls ``act``."""
+
+    def __init__(self, hook: str, act: Callable[[], None] | None = None) -> None:
+        self.fired = False
+
+        def fire(*args: object) -> None:
+            if not self.fired:
+                self.fired = True
+                if act is None:
+                    raise KeyboardInterrupt
+                act()
+
+        setattr(self, f"job_{hook}", fire)
+
+
+async def sleeps() -> None:
+    await trio.sleep(50)
+
+
+async def returns() -> None:
+    pass
+
+
+async def fails() -> None:
+    raise ValueError("again")
+
+
+Plan = list[tuple[str, Callable[[], Any], dict[str, Any]]]
+SCENARIOS: dict[str, tuple[str | None, Plan]] = {
+    # KeyboardInterrupt from an instrument listed first, in the hook of each wait.
+    "interrupt in job_scheduled": ("scheduled", [("j", returns, {"delay": 5})]),
+    "interrupt in job_due": ("due", [("busy", sleeps, {}), ("j", returns, {"delay": 5})]),
+    "interrupt in job_retrying": ("retrying", [("j", fails, {"retry": Retry(backoff=5)})]),
+    # A retry with no backoff is due at once: it is reported retrying, then due.
+    "no backoff": (
+        None,
+        [("j", fails, {"retry": Retry(attempts=2, backoff=0)}), ("busy", sleeps, {})],
+    ),
+}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_gauges_and_hook_order_survive_an_interrupting_instrument(scenario: str) -> None:
+    hook, jobs = SCENARIOS[scenario]
+    registry = CollectorRegistry()
+    tracker = Tracker()
+    instruments: list[object] = [tracker, PrometheusInstrument(registry)]
+    if hook is not None:
+        instruments.insert(0, Interrupting(hook))
+
+    async def main() -> None:
+        config = BackgroundTaskConfig(max_concurrent_tasks=1, drain_timeout=60)
+        async with open_background_runtime(config, instruments=instruments) as runtime:
+            for name, fn, options in jobs:
+                runtime.handle().spawn(fn, name=name, **options)
+            await trio.sleep(10)
+
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    with contextlib.suppress(KeyboardInterrupt):
+        trio.run(main, clock=clock)
+    assert tracker.errors == []
+    for name in {name for name, _, _ in jobs}:
+        for gauge in ("scheduled", "queued", "running"):
+            assert value(registry, f"trio_background_jobs_{gauge}", job=name) == 0, (name, gauge)
+
+
+@pytest.mark.parametrize("act", ["cancel", "interrupt", "grow", "grow, and no task starts"])
+async def test_a_due_hook_that_drops_or_starts_the_next_due_job_keeps_the_order(
+    act: str, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two jobs due at once behind a busy slot; the first one's job_due hook cancels the
+    # second, interrupts the runtime (the cut-off drops the second), or grows the slots
+    # (the second starts, or fails to: its task cannot be started). Each job's hooks stay
+    # in order, and the gauges exact.
+    if act == "grow, and no task starts":
+        real = trio.Nursery.start_soon
+
+        def start_soon(self: trio.Nursery, *args: Any, **kwargs: Any) -> None:
+            if runtimes and runtimes[0].statistics().max_concurrent_tasks == 3:
+                raise MemoryError("no room for a task")
+            real(self, *args, **kwargs)
+
+        monkeypatch.setattr(trio.Nursery, "start_soon", start_soon)
+    registry = CollectorRegistry()
+    tracker = Tracker()
+    handles: dict[str, BackgroundJob[None]] = {}
+    runtimes: list[Any] = []
+
+    def second() -> None:
+        if act == "cancel":
+            handles["b"].cancel()
+        elif act.startswith("grow"):
+            runtimes[0].resize(max_concurrent_tasks=3)
+        else:
+            raise KeyboardInterrupt
+
+    interrupting = Interrupting("due", second) if act != "interrupt" else Interrupting("due")
+    config = BackgroundTaskConfig(max_concurrent_tasks=1, drain_timeout=60)
+    with contextlib.suppress(KeyboardInterrupt):
+        async with open_background_runtime(
+            config, instruments=[tracker, PrometheusInstrument(registry), interrupting]
+        ) as runtime:
+            runtimes.append(runtime)
+            handle = runtime.handle()
+            handles["busy"] = handle.spawn(sleeps, name="busy")
+            handles["a"] = handle.spawn(returns, name="a", delay=5)
+            handles["b"] = handle.spawn(returns, name="b", delay=5)
+            await trio.sleep(6)
+            await trio.testing.wait_all_tasks_blocked()
+            stats = runtime.statistics()
+            gauges = {
+                status: sum(
+                    value(registry, f"trio_background_jobs_{status}", job=name) or 0
+                    for name in "ab"
+                )
+                for status in ("scheduled", "queued")
+            }
+            assert gauges == {"scheduled": stats.scheduled, "queued": stats.queued}
+            handles["busy"].cancel()
+    assert tracker.errors == []
+    for name in ("busy", "a", "b"):
+        for gauge in ("scheduled", "queued", "running"):
+            assert value(registry, f"trio_background_jobs_{gauge}", job=name) == 0, (name, gauge)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 from functools import partial
 from typing import Any
@@ -11,7 +12,15 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from helpers import Recorder, all_counts, check_invariants, expected, messages, random_waits
+from helpers import (
+    Recorder,
+    Tracker,
+    all_counts,
+    check_invariants,
+    expected,
+    messages,
+    random_waits,
+)
 
 from trio_background import (
     BackgroundJob,
@@ -21,6 +30,7 @@ from trio_background import (
     JobCancelledError,
     QueueFullError,
     Retry,
+    RuntimeClosedError,
     current_job,
     open_background_runtime,
 )
@@ -698,58 +708,6 @@ async def test_a_job_due_as_another_ends_is_reported_due_whichever_task_runs_fir
         ]
 
 
-class Tracker:
-    """An instrument that follows every job through its hooks, by its metadata object.
-
-    Each hook must be a legal next step for the job (``job_accepted`` first, then
-    ``job_scheduled`` and ``job_due`` around every wait for a due time, ``job_started``
-    only when queued, ``job_retrying`` or ``job_finished`` only when running, and so on),
-    and `statuses` counts the jobs in each state: for jobs whose code has begun, these
-    are the runtime's statuses, counted here from the hooks alone.
-    """
-
-    def __init__(self) -> None:
-        self.state: dict[int, tuple[BackgroundJobMetadata, str]] = {}
-
-    def move(self, job: BackgroundJobMetadata, before: tuple[str | None, ...], after: str) -> None:
-        now = self.state.get(id(job))
-        assert (now[1] if now else None) in before, (job, now, after)
-        self.state[id(job)] = (job, after)
-
-    def job_accepted(self, job: BackgroundJobMetadata) -> None:
-        self.move(job, (None,), "queued")
-
-    def job_scheduled(self, job: BackgroundJobMetadata, delay: float) -> None:
-        assert delay > 0
-        self.move(job, ("queued",), "scheduled")
-
-    def job_due(self, job: BackgroundJobMetadata) -> None:
-        self.move(job, ("scheduled",), "queued")
-
-    def job_started(self, job: BackgroundJobMetadata) -> None:
-        self.move(job, ("queued",), "running")
-
-    def job_retrying(
-        self, job: BackgroundJobMetadata, exception: BaseException, delay: float
-    ) -> None:
-        self.move(job, ("running",), "scheduled")
-
-    def job_finished(self, job: BackgroundJobMetadata, outcome: str, duration: float) -> None:
-        self.move(job, ("running",), outcome)
-
-    def job_dropped(self, job: BackgroundJobMetadata) -> None:
-        self.move(job, ("queued", "scheduled"), "dropped")
-
-    def statuses(self) -> dict[str, int]:
-        result = dict.fromkeys(("scheduled", "queued", "running", *FINALS), 0)
-        for _, status in self.state.values():
-            result[status] += 1
-        return result
-
-
-FINALS = ("completed", "failed", "timed_out", "cancelled", "dropped")
-
-
 @pytest.mark.parametrize("seed", range(12))
 async def test_the_hooks_follow_every_job_through_random_programs(
     autojump_clock: trio.testing.MockClock, seed: int
@@ -766,9 +724,39 @@ async def test_the_hooks_follow_every_job_through_random_programs(
         counters = {status: getattr(s, status) for status in from_handles}
         assert tracker.statuses() == from_handles == counters
         assert s.accepted == len(handles)
+        assert tracker.errors == []
 
     cfg = config(max_concurrent_tasks=2, max_queue_size=3, drain_timeout=rng.choice((0.75, 60)))
     with contextlib.suppress(BackgroundShutdownError):
         async with open_background_runtime(cfg, instruments=[tracker]) as runtime:
             await random_waits(rng, runtime, handles, check, steps=40)
     check()
+
+
+def test_a_spawn_that_finds_a_job_due_and_its_hook_interrupts_accepts_nothing() -> None:
+    # spawn() makes the due job ready first; its job_due hook raises KeyboardInterrupt,
+    # which cuts the runtime off: the spawn must refuse its job (accepting it would leave
+    # it queued in a runtime that has ended, and leaving the block would never return).
+    clock = trio.testing.MockClock(rate=0, autojump_threshold=math.inf)
+    seen: dict[str, Any] = {}
+
+    class InterruptWhenDue:
+        def job_due(self, job: BackgroundJobMetadata) -> None:
+            raise KeyboardInterrupt
+
+    async def main() -> None:
+        cfg = config(max_concurrent_tasks=1)
+        async with open_background_runtime(cfg, instruments=[InterruptWhenDue()]) as runtime:
+            handle = runtime.handle()
+            handle.spawn(trio.sleep, 50, name="busy")
+            handle.spawn(trio.sleep, 0, name="due", delay=5)
+            await trio.testing.wait_all_tasks_blocked()
+            clock.jump(5)  # due now; the timer task has not run yet
+            with pytest.raises(RuntimeClosedError):
+                handle.spawn(trio.sleep, 0, name="late")
+            seen["stats"] = runtime.statistics()
+
+    with pytest.raises(KeyboardInterrupt):
+        trio.run(main, clock=clock)
+    stats = seen["stats"]
+    assert (stats.accepted, stats.queued, stats.scheduled, stats.dropped) == (2, 0, 0, 1)

@@ -401,6 +401,7 @@ class Admission:
             self.enqueue(job)
             if due is not None:
                 due.append(job)
+                sched.unreported_due = True
         return events
 
     @enable_ki_protection
@@ -432,6 +433,8 @@ class Admission:
         if self.timers and self.timers[0][0] <= trio.current_time():
             # Due jobs become ready before a job accepted at the same instant.
             runtime.report_events(self.refill(self.promote_due()))
+            if runtime.shutdown.phase is not Phase.OPEN:  # a hook just interrupted it
+                raise RuntimeClosedError
         if job._sched is not None:
             return self.try_accept_scheduled(job)
         # Every step that can fail comes before the first change of state. A task started

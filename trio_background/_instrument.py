@@ -139,15 +139,21 @@ class Instruments:
     A hook that raises is logged once and its whole instrument is removed: every hook
     of that object, whether it is a class instance or a bag of plain functions. A hook
     raising `KeyboardInterrupt` is not removed: the exception is handed to
-    ``on_interrupt`` (the runtime then shuts down and re-raises it, as for a job).
+    ``on_interrupt`` (the runtime then shuts down and re-raises it, as for a job) once
+    every instrument has had this call, and every call it is nested in: instruments see
+    each event before they see what the shutdown does (a job it drops, say).
     """
 
-    __slots__ = ("hooks", "on_interrupt")
+    __slots__ = ("depth", "hooks", "interrupts", "on_interrupt")
 
     def __init__(self, instruments: Iterable[object]) -> None:
         #: For each hook name with at least one implementation: (instrument, method) pairs.
         self.hooks: dict[str, list[tuple[_Installed, Callable[..., object]]]] = {}
         self.on_interrupt: Callable[[BaseException], None] = _reraise
+        #: How many calls are under way (a hook may re-enter the runtime), and the
+        #: KeyboardInterrupts they raised, handed on when the outermost one is done.
+        self.depth = 0
+        self.interrupts: list[BaseException] = []
         seen: list[object] = []
         for instrument in instruments:
             if any(instrument is other for other in seen):
@@ -166,24 +172,32 @@ class Instruments:
         """Call ``hook`` on every installed instrument that has it, in the current context."""
         # _remove() replaces the lists instead of changing them, so this loop is safe, and
         # an instrument removed meanwhile (by a hook that re-entered the runtime) is skipped.
-        for installed, method in self.hooks.get(hook, ()):
-            if not installed.alive:
-                continue
-            try:
-                method(*args)
-            except KeyboardInterrupt as exc:
-                self.on_interrupt(exc)
-            except BaseException:
-                if installed.alive:
-                    self._remove(installed)
-                    emit(
-                        self.on_interrupt,
-                        logging.ERROR,
-                        "instrument %r raised in %s; removing it",
-                        installed.instrument,
-                        hook,
-                        exc_info=sys.exc_info()[1],
-                    )
+        self.depth += 1
+        try:
+            for installed, method in self.hooks.get(hook, ()):
+                if not installed.alive:
+                    continue
+                try:
+                    method(*args)
+                except KeyboardInterrupt as exc:
+                    self.interrupts.append(exc)
+                except BaseException:
+                    if installed.alive:
+                        self._remove(installed)
+                        emit(
+                            self.interrupts.append,
+                            logging.ERROR,
+                            "instrument %r raised in %s; removing it",
+                            installed.instrument,
+                            hook,
+                            exc_info=sys.exc_info()[1],
+                        )
+        finally:
+            self.depth -= 1
+        if not self.depth and self.interrupts:
+            interrupts, self.interrupts = self.interrupts, []
+            for interrupt in interrupts:
+                self.on_interrupt(interrupt)
 
     def _remove(self, installed: _Installed) -> None:
         installed.alive = False

@@ -287,6 +287,7 @@ class Schedule:
         "retried",
         "retry",
         "retry_elsewhere",
+        "unreported_due",
     )
 
     def __init__(self, retry: Retry | None, key: str | None) -> None:
@@ -310,6 +311,8 @@ class Schedule:
         #: When something else (a durable queue) runs the job again, as decided when
         #: this run ended: (seconds until then, runs allowed in all); None if it does not.
         self.retry_elsewhere: tuple[float, int] | None = None
+        #: Whether it became due and instruments with ``job_due`` have not been told yet.
+        self.unreported_due = False
 
 
 def current_job() -> BackgroundJob[Any]:

@@ -74,6 +74,7 @@ from ._job import (
     CANCELLING,
     COMPLETED,
     FAILED,
+    FINAL,
     QUEUED,
     RUNNING,
     SCHEDULED,
@@ -306,12 +307,16 @@ class Runtime:
         self.admission.retry_later(job, delay)
         events = self.admission.hand_off(job)
         # -- the state is complete; now the user code: log handlers, hooks ----------
-        self.report_admitted(events)
+        if events is not None:
+            self.report_accepted(events)
         meta = job._meta()
-        # The hook first: a log handler that interrupts the runtime drops the job, and
-        # instruments must see this run end (retrying) before they see the job dropped.
+        # The hook before the log: a log handler that interrupts the runtime drops the
+        # job, and instruments must see this run end (retrying) before the job dropped;
+        # and before the jobs found due, which may be this one (a retry without delay).
         if "job_retrying" in self.instruments.hooks:
             self.instruments.call("job_retrying", meta, reason, delay)
+        if events is not None:
+            self.report_due(events)
         what = (
             f"timed out after {job._timeout:g} seconds"
             if isinstance(reason, trio.TooSlowError)
@@ -403,18 +408,19 @@ class Runtime:
         self.report_events(events)  # (what is left of them: the failed starts)
 
     def report_admitted(self, events: HandOff | None) -> None:
-        """Report the scheduled jobs a hand-off found due and the waiting send()s it accepted.
+        """Report what a hand-off did besides failed starts: jobs due, senders accepted.
 
-        ``job_due`` for the former, ``job_accepted`` (and ``job_scheduled``, for a job
-        with a delay) for the latter: the counters already include them. Each is
-        reported once: the lists are emptied.
+        ``job_accepted`` (and ``job_scheduled``, for a job with a delay) for the jobs
+        of waiting send()s it accepted, then ``job_due`` for the scheduled jobs it
+        found due. The counters already include them. Each is reported once: the
+        lists are emptied.
         """
         if events is None:
             return
-        if events.due:
-            due, events.due = events.due, []
-            for other in due:
-                self.call_hook(other, "job_due")
+        self.report_accepted(events)
+        self.report_due(events)
+
+    def report_accepted(self, events: HandOff) -> None:
         if not events.admitted:
             return
         admitted, events.admitted = events.admitted, []
@@ -428,6 +434,27 @@ class Runtime:
                 if scheduled and other._state is SCHEDULED:  # (not if a hook dropped it)
                     self.call_hook(other, "job_scheduled", other._sched.delay)  # type: ignore[union-attr]
 
+    def report_due(self, events: HandOff) -> None:
+        if not events.due:
+            return
+        due, events.due = events.due, []
+        for other in due:
+            self.report_due_of(other)
+
+    def report_due_of(self, job: Job) -> None:
+        """``job_due`` for ``job``, unless reported already or the job left meanwhile.
+
+        A hook (of this report) that re-entered the runtime may have dropped the job
+        (instruments saw that: no due then), or started it: a start that failed is
+        reported at once, and reports the job due first. (A start that succeeds is
+        reported later, by the job's own task.)
+        """
+        sched = job._sched
+        if sched is not None and sched.unreported_due:
+            sched.unreported_due = False
+            if job._state not in FINAL or job._state is FAILED:
+                self.call_hook(job, "job_due")
+
     def report_events(self, events: HandOff | None) -> None:
         """Report what a hand-off did: the senders it accepted, then the failed starts."""
         if events is None:
@@ -437,6 +464,7 @@ class Runtime:
             self.report_start_failure(other, exc)
 
     def report_start_failure(self, job: Job, exc: BaseException) -> None:
+        self.report_due_of(job)
         meta = job._meta()
         self.in_context(job, self.log_error, meta, "failed: its task could not be started", exc)
         # Its traceback is the runtime's and Trio's frames, which hold this job and the one

@@ -235,9 +235,10 @@ class PrometheusInstrument(BackgroundInstrument):
             job: The job's metadata.
             delay: Seconds until the job is due.
         """
-        self._waiting[id(job)] = job
-        self._queued.labels(job.name).dec()
-        self._scheduled.labels(job.name).inc()
+        if id(job) not in self._waiting:
+            self._waiting[id(job)] = job
+            self._queued.labels(job.name).dec()
+            self._scheduled.labels(job.name).inc()
 
     def job_due(self, job: BackgroundJobMetadata) -> None:
         """Move the job, now due, from scheduled to queued.
@@ -245,9 +246,9 @@ class PrometheusInstrument(BackgroundInstrument):
         Args:
             job: The job's metadata.
         """
-        self._waiting.pop(id(job), None)
-        self._scheduled.labels(job.name).dec()
-        self._queued.labels(job.name).inc()
+        if self._waiting.pop(id(job), None) is not None:
+            self._scheduled.labels(job.name).dec()
+            self._queued.labels(job.name).inc()
 
     def job_rejected(self, job: BackgroundJobMetadata) -> None:
         """Count the job as rejected.
@@ -260,12 +261,12 @@ class PrometheusInstrument(BackgroundInstrument):
         self._rejected.labels(job.name).inc()
 
     def job_started(self, job: BackgroundJobMetadata) -> None:
-        """Move the job from queued to running.
+        """Move the job from queued (or scheduled) to running.
 
         Args:
             job: The job's metadata.
         """
-        self._queued.labels(job.name).dec()
+        self._waiting_gauge(job).dec()
         self._running.labels(job.name).inc()
 
     def job_finished(self, job: BackgroundJobMetadata, outcome: str, duration: float) -> None:
@@ -302,11 +303,18 @@ class PrometheusInstrument(BackgroundInstrument):
         Args:
             job: The job's metadata.
         """
-        if self._waiting.pop(id(job), None) is None:
-            self._queued.labels(job.name).dec()
-        else:
-            self._scheduled.labels(job.name).dec()
+        self._waiting_gauge(job).dec()
         self._dropped.labels(job.name).inc()
+
+    def _waiting_gauge(self, job: BackgroundJobMetadata) -> Gauge:
+        """The gauge a job leaves as it starts or is dropped: scheduled, or else queued.
+
+        Instruments normally see a scheduled job due before it starts; if another
+        instrument's hook re-entered the runtime in between, it may start first.
+        """
+        if self._waiting.pop(id(job), None) is None:
+            return self._queued.labels(job.name)
+        return self._scheduled.labels(job.name)
 
     def __repr__(self) -> str:
         return f"<trio_background.prometheus.PrometheusInstrument at {id(self):#x}>"
