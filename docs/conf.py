@@ -46,6 +46,8 @@ nitpicky = True
 nitpick_ignore: list[tuple[str, str]] = [
     ("py:class", "PosArgsT"),
     ("py:class", "T"),
+    # The TypeVar of TaskRegistry.task: it returns the function it was given.
+    ("py:class", "trio_background.durable.F"),
     ("py:class", "trio_background._job.T"),
 ]
 

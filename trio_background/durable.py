@@ -204,8 +204,8 @@ class TaskRegistry:
 class DurableStatistics:
     """A snapshot of a durable queue, taken in one transaction.
 
-    Every stored job is counted under exactly one of `pending`, `scheduled`,
-    `running`, `completed` and `dead`.
+    Every stored job is counted under exactly one of ``pending``,
+    ``scheduled``, ``running``, ``completed`` and ``dead``.
     """
 
     #: Jobs ready to be claimed (a delayed job that is due included).
@@ -375,7 +375,8 @@ class DurableQueue:
         It never holds more claimed jobs that have not started than the runtime
         has free queue places (and free slots), so a busy runtime leaves work in
         the store for other workers. Each outcome is recorded as the job ends: a
-        completed job is done; a failed run is retried by the task's `Retry`
+        completed job is done; a failed run is retried by the task's
+        `~trio_background.Retry`
         after its backoff, or goes to the dead letters; a job the runtime
         cancels or drops at shutdown is given back for another worker at once.
         Claimed jobs keep their leases while they run, also after this was
@@ -657,7 +658,8 @@ async def open_sqlite_queue(
         registry: The tasks jobs may name.
         lease: Seconds a claim lasts without renewal; a job whose worker died runs
             again this long after it was last renewed. Renewals come every third of it.
-        max_pending: Refuse `DurableQueue.enqueue` with `QueueFullError` while this
+        max_pending: Refuse `DurableQueue.enqueue` with
+            `~trio_background.QueueFullError` while this
             many jobs are unfinished (`None`: no limit).
         keep_completed: Seconds a completed job's record is kept (then deleted within
             a minute; the ``completed`` count keeps it).
