@@ -155,9 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the worker; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
-    for name in ("concurrency", "queue_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.concurrency < 1:
+        parser.error("--concurrency must be >= 1")
+    if args.queue_size < 0:
+        parser.error("--queue-size must be >= 0")
     if not args.drain_timeout >= 0:
         parser.error("--drain-timeout must be >= 0")
     if not 0 < args.lease < float("inf"):
