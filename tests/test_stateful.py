@@ -63,7 +63,11 @@ record's exact message (the WARNING of each retry names the attempt, and so does
 one of a job dropped at shutdown while waiting to retry). The drain waits for scheduled
 jobs due before its deadline; once only scheduled jobs due after it are left (nothing
 running or queued), the model cuts off at once, and ``aclose()`` must say that the drain
-was cut short.
+was cut short. Shutdown rules meet jobs in every state (scheduled, in backoff, queued
+behind a busy key, queued to retry, running), and the teardown of each example leaves
+the block as soon as every run is released, so the drain also meets scheduled jobs due
+before and after its deadline. The report lists what was cut in acceptance order; the
+``job_dropped`` calls of a cut-off are compared as a set (they come in no set order).
 
 Besides agreeing with the model, the runtime is held to the scheduling rules directly,
 from what the harness sees: at every task step, no two jobs of a key hold it (running,
@@ -75,19 +79,30 @@ after every step, the jobs of each key have first started in their ready order.
 
 Ties with the scheduling are deliberate: delays, backoffs, clock steps and job timeouts
 are all multiples of 0.5 s, so a job often becomes due at the very instant another
-times out or a step submits a job. The model resolves them by the rule above (what
-becomes due at an instant is ready before what is accepted or admitted at it); the
-outcome at the end of an instant does not depend on the order in which Trio runs the
-woken tasks. Two behaviours of the library are kept out, each reproduced by an
-``xfail`` test at the end of this module: (1) a job that ends at the instant several
-jobs become due may hand its slot to one of them while the others wait, queued, until
-the timer task runs at the same instant, so the per-task-step work conservation check
-tolerates a queued job with a free key exactly then (at a due instant, before the timer
-task's step); (2) when a job ends, its slot passes on and a waiting ``send()`` is
-admitted into the place it left, but a second waiting ``send()`` that could start on
-another free slot is not admitted until something else happens, so while a ``send()``
-with a key or a delay waits (the only kind that can wait while a slot is free), no
-other ``send()`` begins.
+times out, and the ``spawn_later`` rule has a task spawn a job at the very instant the
+clock gets to (a rule's own step only runs once that instant has settled, the timer
+task included). The model resolves these ties by the rule above: what becomes due at an
+instant is ready before what is accepted or admitted at it, and the outcome at the end
+of the instant does not depend on the order in which Trio runs the woken tasks. One tie
+is a genuine race and is excluded: if a job ends at the instant of such a spawn (a
+timeout, or a released job that starts then and returns at once), whether its slot is
+free for the spawn depends on which task Trio runs first, so the rule first runs a copy
+of the model to that instant, and if anything ends there it spawns once the instant has
+settled instead. A spawn refused because intake is closed may see jobs due at that
+instant not yet ready (nothing is accepted ahead of them): only its result is checked.
+
+Two behaviours of the library are kept out, each reproduced by a strict ``xfail`` test
+at the end of this module: (1) a job that ends at the instant several jobs become due
+may hand its slot to one of them while the others wait, queued, until the timer task
+runs at the same instant, so the per-task-step work conservation check tolerates a
+queued job with a free key exactly then (at a due instant, before the timer task's
+step; the checks after the step are strict); (2) when a job ends, its slot passes on and
+a waiting ``send()`` is admitted into the place it left, but a second waiting ``send()``
+that could start on another free slot is not admitted until something else happens, so
+while a ``send()`` with a key or a delay waits (the only kind that can wait while a slot
+is free), no other ``send()`` begins. (Waiting ``send()`` calls are admitted strictly in
+arrival order: one that cannot start, and has no place, holds up those behind it even
+while a slot is free. The model does the same.)
 
 How Trio is driven from the (synchronous) state machine
 -------------------------------------------------------
