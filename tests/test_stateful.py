@@ -14,24 +14,88 @@ every single Trio task step as well.
 Job handles and live limits
 ---------------------------
 The handle of every accepted job is kept (``spawn``'s return value at once, ``send``'s
-when it returns). Further rules cancel handles (``job.cancel()``) of queued, running and
-finished jobs; resize both limits (``runtime.resize``), up and down, below what runs or
-waits; start tasks that ``await job.wait()`` -- plainly, under a ``move_on_after``, or
-already cancelled -- and cancel such a waiter. A *burst* rule mixes spawns, cancels,
-resizes and releases in one synchronous stretch (no checkpoint in between), which is the
-only way a program can see a job that holds a slot but whose code has not run yet (its
-status is ``"running"``; cancelled then, its code never runs and it counts
-``cancelled``), or cancel a job whose release has already woken it (it returned
-normally first: ``completed``). After every single action of a burst, every handle's
-``status`` and the statistics must equal the model's; after every step, also what each
-finished ``wait()`` returned or raised, and when (the very value the job returned, the
-very exception object it raised, `JobTimeoutError`, `JobCancelledError`, or the waiter's
-own cancellation, which leaves the job alone). A shrink may leave more jobs running or
-queued than the new limits: the model knows how many may exceed a limit (``run_limit``,
+when it returns). Further rules cancel handles (``job.cancel()``) of scheduled, queued,
+running and finished jobs; resize both limits (``runtime.resize``), up and down, below
+what runs or waits; start tasks that ``await job.wait()`` -- plainly, under a
+``move_on_after``, or already cancelled -- and cancel such a waiter. A *burst* rule mixes
+spawns, cancels, resizes and releases in one synchronous stretch (no checkpoint in
+between), which is the only way a program can see a job that holds a slot but whose
+code has not run yet (its status is ``"running"``; cancelled then, its code never runs
+and it counts ``cancelled``), or cancel a job whose release has already woken it (it
+returned normally first: ``completed``). After every single action of a burst, every
+handle's ``status`` and ``attempt``, the acceptance order and the statistics must equal
+the model's; after every step, also what each finished ``wait()`` returned or raised,
+and when (the very value the job returned, the very exception object its last run
+raised, `JobTimeoutError`, `JobCancelledError`, or the waiter's own cancellation, which
+leaves the job alone). A shrink may leave more jobs running or holding queue places
+than the new limits: the model knows how many may exceed a limit (``run_limit``,
 ``queue_limit``: those present at the shrink, falling as they drain, never rising) and
 the checks hold the runtime to that; once the excess has drained, the plain caps hold
 again. At every Trio task step the statuses of the known handles must also add up to
 the counters.
+
+Scheduling: delays, retries, keys
+---------------------------------
+Jobs are spawned and sent with a random *plan*: a delay (none, 0, or a multiple of
+0.5 s), a key (``None`` or one of three), and a retry policy (none, or ``Retry`` with
+``jitter=False``, 1 to 3 attempts, backoffs and multipliers that keep every backoff a
+multiple of 0.5 s, ``on`` either ``Exception``, ``ValueError`` -- which the "error"
+release raises and the "fail" release, a `BackgroundJobError`, does not --,
+``trio.TooSlowError`` (timeouts only) or both); the configuration may carry a default
+policy too. Each run of a job is released on its own (complete, or fail with a chosen
+exception), before or after it starts; the harness's job function waits for the release
+of the run it is (and checks that ``current_job().attempt`` is that number).
+
+The model keeps, besides the queue and the slots, the scheduled jobs (each with its due
+instant: a first run's delay, or a retry's backoff ``min(max_backoff, backoff *
+multiplier ** (n - 1))`` after run ``n`` failed), a *ready order* (a counter given out
+when a job is accepted without a delay and when a scheduled job becomes due -- jobs due
+at one instant in acceptance order, before anything is accepted at that instant), and
+the holder of each key (from a job's first start to its final outcome, backoffs
+included). Whenever a slot is free the job that takes it is the earliest-ready queued
+job whose key is free; a new job starts at once only if a slot is free, it has no
+delay, and its key has no holder and no queued job; otherwise it needs a queue place
+(first runs, queued or scheduled, hold one; retries hold none and are never refused).
+From this the model predicts every run's start and end instant, every handle's status
+and attempt, ``scheduled`` and ``retried``, the ``job_started`` / ``job_retrying`` /
+``job_finished`` calls of each job with their arguments and instants, and every log
+record's exact message (the WARNING of each retry names the attempt, and so does the
+one of a job dropped at shutdown while waiting to retry). The drain waits for scheduled
+jobs due before its deadline; once only scheduled jobs due after it are left (nothing
+running or queued), the model cuts off at once, and ``aclose()`` must say that the drain
+was cut short. Shutdown rules meet jobs in every state (scheduled, in backoff, queued
+behind a busy key, queued to retry, running), and the teardown of each example leaves
+the block as soon as every run is released, so the drain also meets scheduled jobs due
+before and after its deadline. The report lists what was cut in acceptance order; the
+``job_dropped`` calls of a cut-off are compared as a set (they come in no set order).
+
+Besides agreeing with the model, the runtime is held to the scheduling rules directly,
+from what the harness sees: at every task step, no two jobs of a key hold it (running,
+or waiting to retry), a slot is never free while a queued job's key is free (work
+conservation), and the queue places in use (``queued + scheduled`` minus the jobs
+waiting for their second or later run) stay within ``max_queue_size``; when a job's
+code starts, no other job of its key has started without reaching its final status;
+after every step, the jobs of each key have first started in their ready order.
+
+Ties with the scheduling are deliberate: delays, backoffs, clock steps and job timeouts
+are all multiples of 0.5 s, so a job often becomes due at the very instant another
+times out, and the ``spawn_later`` rule has a task spawn a job at the very instant the
+clock gets to (a rule's own step only runs once that instant has settled, the timer
+task included). The model resolves these ties by the rule above: what becomes due at an
+instant is ready before what is accepted or admitted at it, and the outcome at the end
+of the instant does not depend on the order in which Trio runs the woken tasks. One tie
+is a genuine race and is excluded: if a job ends at the instant of such a spawn (a
+timeout, or a released job that starts then and returns at once), whether its slot is
+free for the spawn depends on which task Trio runs first, so the rule first runs a copy
+of the model to that instant, and if anything ends there it spawns once the instant has
+settled instead. A spawn refused because intake is closed may see jobs due at that
+instant not yet ready (nothing is accepted ahead of them): only its result is checked.
+
+When a job ends at the instant several jobs become due, or lets a waiting ``send()``
+into the place it left, every other free slot is filled in the same step; two tests at
+the end of this module pin both cases down. (Waiting ``send()`` calls are admitted
+strictly in arrival order: one that cannot start, and has no place, holds up those
+behind it even while a slot is free. The model does the same.)
 
 How Trio is driven from the (synchronous) state machine
 -------------------------------------------------------
@@ -40,22 +104,22 @@ Each example runs ``trio.run`` in a background thread (`Harness`). Every rule ca
 Trio, and the step ends with ``trio.testing.wait_all_tasks_blocked()``, so when the rule
 returns the runtime is quiescent and the model can be compared with it. Time is a
 ``trio.testing.MockClock`` whose ``autojump_threshold`` is 0 *during* a step (so
-"advance 1.5 s" is just ``await trio.sleep(1.5)``, and every job timeout or drain
-deadline in between fires at its exact virtual instant) and ``inf`` *between* steps,
-so virtual time cannot jump on its own while the state machine is thinking. This is
-deterministic (no wall-clock races: the hypothesis thread blocks while Trio works, and
-importing hypothesis makes Trio's scheduler seeded per example), needs no greenlets, and
-keeps hypothesis's own stateful machinery (rule selection, shrinking, the printed
-reproducer). The alternative -- drawing a list of actions and interpreting it in one
-``trio.run`` -- loses the stateful shrinker and the readable step-by-step reproducer.
+"advance 1.5 s" is just ``await trio.sleep(1.5)``, and every job timeout, due instant or
+drain deadline in between fires at its exact virtual instant) and ``inf`` *between*
+steps, so virtual time cannot jump on its own while the state machine is thinking. This
+is deterministic (no wall-clock races: the hypothesis thread blocks while Trio works,
+and importing hypothesis makes Trio's scheduler seeded per example), needs no
+greenlets, and keeps hypothesis's own stateful machinery (rule selection, shrinking,
+the printed reproducer). The alternative -- drawing a list of actions and interpreting
+it in one ``trio.run`` -- loses the stateful shrinker and the readable step-by-step
+reproducer.
 
-Ties are excluded by construction so every step has one correct outcome: clock steps
-and job timeouts are multiples of 0.5 s, so job deadlines are too, while the drain
-timeout is 0, inf, or ends in .25/.75, so the drain deadline never coincides with a job
-deadline, and a waiter's own time limit ends in .125/.375/.625/.875, so it never
-coincides with either.
+Other ties are excluded by construction so every step has one correct outcome: the
+drain timeout is 0, inf, or ends in .25/.75, so the drain deadline never coincides with
+a job deadline or a due instant (all on the 0.5 s grid), and a waiter's own time limit
+ends in .125/.375/.625/.875, so it never coincides with either.
 
-Example counts: 300 programs of up to 40 steps in CI (about 25 s); set
+Example counts: 300 programs of up to 40 steps in CI (about 30 s on two cores); set
 ``TRIO_BACKGROUND_LONG=1`` to use the "long" hypothesis profile registered in
 ``helpers.py`` (3000 programs of up to 60 steps) for a long run.
 """
@@ -64,14 +128,16 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import logging
 import math
 import threading
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
 import attrs
+import pytest
 import trio
 import trio.testing
 from helpers import LONG, PROFILE
@@ -97,7 +163,9 @@ from trio_background import (
     JobCancelledError,
     JobTimeoutError,
     QueueFullError,
+    Retry,
     RuntimeClosedError,
+    current_job,
     open_background_runtime,
 )
 
@@ -109,14 +177,25 @@ SUBMITTER: contextvars.ContextVar[str] = contextvars.ContextVar("SUBMITTER")
 
 #: A result of aclose() or of the async-with body, as compared between model and runtime:
 #: ("waiting",), ("none",), ("ok",), ("cancelled",), ("raised",) or
-#: ("shutdown", cancelled, dropped) with tuples of (name, request_id).
+#: ("shutdown", cancelled, dropped, head) with tuples of (name, request_id), and head
+#: "timed out" (the drain's deadline passed) or "cut short" (only jobs due after it left).
 Result = tuple[object, ...]
 WAITING: Result = ("waiting",)
 NONE: frozenset[Result] = frozenset({("none",)})
+HEADS = ("timed out", "cut short")
 
-#: Every status a job can have here (no delay or retry: never "scheduled").
-STATUSES = ("queued", "running", "completed", "failed", "timed_out", "cancelled", "dropped")
-FINAL = frozenset(STATUSES[2:])
+#: Every status a job can have.
+STATUSES = (
+    "scheduled",
+    "queued",
+    "running",
+    "completed",
+    "failed",
+    "timed_out",
+    "cancelled",
+    "dropped",
+)
+FINAL = frozenset(STATUSES[3:])
 #: What ``await job.wait()`` gives for a job that ended in each final status.
 WAIT_OUTCOME = {
     "completed": "completed",  # the job's very return value
@@ -127,6 +206,28 @@ WAIT_OUTCOME = {
 }
 #: A waiter's result: (what wait() gave, or "gave_up", virtual time it finished).
 WaitResult = tuple[str, float]
+#: What a handle shows: (status, attempt).
+Status = tuple[str, int]
+
+#: The exception a run raises when released with each failing outcome.
+ERRORS: dict[str, type[Exception]] = {"fail": BackgroundJobError, "error": ValueError}
+#: The keys jobs may have.
+KEYS = ("a", "b", "c")
+#: The name of the runtime's timer task (it makes due jobs ready).
+TIMER_TASK = "trio_background timers"
+
+#: Retry policies without jitter, every backoff a multiple of 0.5 s.
+retries = st.builds(
+    Retry,
+    attempts=st.sampled_from([1, 2, 3, 3]),
+    backoff=st.sampled_from([0.5, 1.0, 1.5]),
+    multiplier=st.sampled_from([1.0, 2.0, 3.0]),
+    max_backoff=st.sampled_from([60.0, 60.0, 1.0, 2.0]),
+    jitter=st.just(False),
+    on=st.sampled_from(
+        [(Exception,)] * 3 + [(ValueError,), (trio.TooSlowError,), (ValueError, trio.TooSlowError)]
+    ),
+)
 
 configs = st.builds(
     BackgroundTaskConfig,
@@ -134,10 +235,29 @@ configs = st.builds(
     max_concurrent_tasks=st.integers(1, 3),
     drain_timeout=st.sampled_from([0.0, 0.0, 0.25, 0.25, 1.25, 2.75, math.inf]),
     job_timeout=st.sampled_from([None, 1.0, 2.5]),
+    retry=st.one_of(st.none(), st.none(), st.none(), retries),
 )
 job_timeouts = st.sampled_from([None, None, 0.5, 1.5, 2.5, math.inf])
 #: A waiter's own time limit: never on the 0.25 s grid of job and drain deadlines.
 wait_limits = st.sampled_from([None, None, 0.375, 1.125, 2.625])
+
+
+@attrs.frozen
+class Plan:
+    """How a job is scheduled: ``spawn``'s / ``send``'s delay, key and retry arguments."""
+
+    delay: float | None = None
+    key: str | None = None
+    retry: Retry | None = None
+
+
+scheduled_plans = st.builds(
+    Plan,
+    delay=st.sampled_from([None, None, None, 0.0, 0.5, 1.0, 1.5, 2.5]),
+    key=st.sampled_from([None, "a", "a", "b", "c"]),
+    retry=st.one_of(st.none(), retries, retries, retries),
+)
+plans = st.one_of(st.just(Plan()), scheduled_plans, scheduled_plans)
 
 
 class BodyError(Exception):
@@ -158,6 +278,62 @@ def meta_key(job: BackgroundJobMetadata) -> tuple[str, str | None]:
     return (job.name, job.request_id)
 
 
+def log_message(name: str, request_id: str | None, what: str) -> str:
+    """The text of the runtime's log record about a job (see ``_log.emit_job``)."""
+    text = f"background job {name!r} {what}"
+    return text if request_id is None else f"{text} (request_id={request_id!r})"
+
+
+def retried_waiting(statuses: dict[str, Status]) -> int:
+    """The jobs waiting (scheduled or queued) for their second or later run."""
+    return sum(
+        status in ("scheduled", "queued") and attempt > 1 for status, attempt in statuses.values()
+    )
+
+
+def places_in_use(s: BackgroundStatistics, statuses: dict[str, Status]) -> int:
+    """Queue places in use: jobs queued or scheduled for their first run.
+
+    ``statuses`` must hold every job waiting for a retry (they all have handles: a job
+    runs, so fails, only after its ``send()`` has returned).
+    """
+    return s.queued + s.scheduled - retried_waiting(statuses)
+
+
+def idle_slot_problems(
+    s: BackgroundStatistics,
+    statuses: dict[str, Status],
+    keys: dict[str, str | None],
+    accepted: Iterable[str],
+) -> list[str]:
+    """Work conservation: with a slot free, the queued jobs (known by handle) whose key is free.
+
+    A key is held by a job that runs, or waits (scheduled or queued) for its second or
+    later run; a job without a handle yet (a send() accepted but not returned) may hold
+    its key, for all we know here.
+    """
+    if s.running >= s.max_concurrent_tasks:
+        return []
+    holders: dict[str, set[str]] = {}
+    for name in accepted:
+        key = keys[name]
+        if key is None:
+            continue
+        seen = statuses.get(name)
+        if (
+            seen is None
+            or seen[0] == "running"
+            or (seen[0] in ("scheduled", "queued") and seen[1] > 1)
+        ):
+            holders.setdefault(key, set()).add(name)
+    problems = []
+    for name, (status, _) in statuses.items():
+        key = keys[name]
+        if status == "queued" and (key is None or not holders.get(key, set()) - {name}):
+            problems.append(f"{name} (key {key}) is queued while a slot is free: {s}")
+    return problems
+
+
 # -- the synchronous actions of a burst -------------------------------------------------
 
 
@@ -166,6 +342,7 @@ class Spawn:
     name: str
     request_id: str | None
     timeout: float | None
+    plan: Plan = Plan()
 
 
 @attrs.frozen
@@ -193,8 +370,9 @@ class View:
     """What a program can see right after one action of a burst."""
 
     result: str  # spawn: accepted / full / closed; the others: ok
-    statuses: dict[str, str]  # every handle's status, by job name
+    statuses: dict[str, Status]  # every handle's status and attempt, by job name
     stats: BackgroundStatistics
+    accepted: tuple[str, ...]  # the jobs accepted so far, in order
 
 
 @attrs.frozen
@@ -203,7 +381,7 @@ class Expect:
 
     view: View
     run_limit: int  # the most jobs that may be running (the cap, or a shrink's excess)
-    queue_limit: int  # the most jobs that may be queued
+    queue_limit: int  # the most queue places that may be in use
 
 
 # --------------------------------------------------------------------------------------
@@ -216,18 +394,36 @@ class MJob:
     name: str
     request_id: str | None
     timeout: float  # effective time limit (inf: none)
-    state: str = "queued"  # queued running completed failed timed_out cancelled dropped
-    release: str | None = None  # "complete" / "failed": set by the release rule
-    ran: bool = False  # its code has begun (a job holding a slot may not have, yet)
+    index: int  # acceptance order
+    key: str | None
+    retry: Retry | None  # effective policy (its own, or the configuration's)
+    # scheduled queued running completed failed timed_out cancelled dropped
+    state: str = "queued"
+    seq: int = 0  # ready order: given when accepted without a delay, and when due
+    due: float | None = None  # while scheduled: when it becomes ready
+    attempt: int = 1  # the number of its current (or next) run
+    releases: list[str] = attrs.Factory(list)  # how each run ends, as released so far
+    ran: bool = False  # the current run's code has begun (a job holding a slot may not have)
     cancel: bool = False  # job.cancel() was called while it held a slot
     released_first: bool = False  # ...after its release had already woken its code
     by_handle: bool = False  # cancelled / dropped through its handle: no log, no report
     cleanup_error: bool = False  # raised after a cancel it never saw: logged at ERROR
-    slot_at: float | None = None  # when it took a slot
-    start: float | None = None  # when its code began
-    end: float | None = None  # when its code ended ...
-    how: str | None = None  # ... and how: returned, raised, cancelled
+    slot_at: float | None = None  # when the current run took a slot
+    run_at: float | None = None  # when the current run's task began (job_started)
+    starts: list[float] = attrs.Factory(list)  # when each run's code began ...
+    ends: list[tuple[float, str]] = attrs.Factory(list)  # ... and ended, and how
+    hooks: list[tuple[object, ...]] = attrs.Factory(list)  # started / retrying / finished
     final_at: float | None = None  # when it reached its final status
+
+    @property
+    def release(self) -> str | None:
+        """How the current (or next) run ends, if released already."""
+        return self.releases[self.attempt - 1] if len(self.releases) >= self.attempt else None
+
+    @property
+    def retried(self) -> bool:
+        """Waiting (scheduled or queued) for its second or later run: it holds no place."""
+        return self.attempt > 1 and self.state in ("scheduled", "queued")
 
 
 @attrs.define
@@ -244,39 +440,52 @@ class MWaiter:
     result: WaitResult | None = None
 
 
+#: A send() waiting for room: (name, request_id, timeout, plan).
+Pending = tuple[str, str | None, float | None, Plan]
+
+
 class Model:
     """What the contract says the runtime must be doing, in plain Python.
 
     Actions (`spawn`, `send`, `cancel`, `resize`, `mark_release`, ...) do only what
     happens synchronously, inside the call; `settle` then runs what follows at the same
     instant once tasks get to run (jobs whose code starts, wakes up or unwinds, slots
-    passed on), to quiescence.
+    passed on), to quiescence; `advance` moves virtual time on, instant by instant (jobs
+    becoming due, timing out, the drain's deadline).
     """
 
     def __init__(self, config: BackgroundTaskConfig) -> None:
         self.cap = config.max_concurrent_tasks
         self.qmax = config.max_queue_size
-        #: The most jobs that may be running / queued now: the caps, or after a shrink
-        #: the jobs that were there at the shrink, falling as they drain (never rising).
+        #: The most jobs that may be running / places in use now: the caps, or after a
+        #: shrink what was there at the shrink, falling as it drains (never rising).
         self.run_limit = self.cap
         self.queue_limit = self.qmax
         self.drain_timeout = config.drain_timeout
         self.job_timeout = config.job_timeout
+        self.default_retry = config.retry
         self.now = 0.0
         self.jobs: dict[str, MJob] = {}  # acceptance order
         self.handles: list[str] = []  # the jobs whose handle the program holds
-        self.queue: list[MJob] = []
+        self.queue: list[MJob] = []  # ready jobs waiting for a slot (or for their key)
+        self.scheduled: list[MJob] = []  # jobs waiting to become due
         self.running: list[MJob] = []
-        self.waiting: list[tuple[str, str | None, float | None]] = []  # blocked send()s
+        self.holders: dict[str, MJob] = {}  # key -> the job holding it
+        self.seq = 0  # the last ready order given out
+        self.retried = 0
+        self.became_due: list[float] = []  # the instants at which jobs became due
+        self.waiting: list[Pending] = []  # blocked send()s
         self.senders: dict[str, str] = {}  # waiting accepted closed cancelled
         self.waiters: list[MWaiter] = []
         self.drop_order: list[str] = []
+        self.logs: list[tuple[int, str, str]] = []  # (level, job name, message)
         self.rejected = 0
         self.closed = False
         self.phase = "open"  # open, draining (aclose in progress), done
         self.cut = False
         self.drain_deadline: float | None = None
-        self.report: Result | None = None
+        #: What the cut-off cancelled and dropped, if it cut anything.
+        self.report: tuple[tuple[tuple[str, str | None], ...], ...] | None = None
         self.closers: list[MCloser] = []
         self.body = "in_block"  # in_block, exiting (awaiting its aclose), done
         self.body_result: frozenset[Result] | None = None
@@ -286,7 +495,7 @@ class Model:
     def statistics(self) -> BackgroundStatistics:
         count = Counter(j.state for j in self.jobs.values())
         return BackgroundStatistics(
-            scheduled=0,
+            scheduled=len(self.scheduled),
             queued=len(self.queue),
             running=len(self.running),
             completed=count["completed"],
@@ -299,21 +508,24 @@ class Model:
             max_concurrent_tasks=self.cap,
             closed=self.closed,
             accepted=len(self.jobs),
-            retried=0,
+            retried=self.retried,
         )
 
-    def statuses(self) -> dict[str, str]:
-        return {name: self.jobs[name].state for name in self.handles}
+    def statuses(self) -> dict[str, Status]:
+        return {name: (self.jobs[name].state, self.jobs[name].attempt) for name in self.handles}
 
     def expect(self, op: Op) -> Expect:
         """Apply ``op``; what the program must see right after it."""
         result = self.apply(op)
-        return Expect(
-            View(result, self.statuses(), self.statistics()), self.run_limit, self.queue_limit
-        )
+        view = View(result, self.statuses(), self.statistics(), tuple(self.jobs))
+        return Expect(view, self.run_limit, self.queue_limit)
 
     def idle(self) -> bool:
-        return not self.queue and not self.running
+        return not self.queue and not self.running and not self.scheduled
+
+    def places(self) -> int:
+        """Queue places in use: first runs, queued or scheduled (retries hold none)."""
+        return sum(not j.retried for j in self.queue) + sum(not j.retried for j in self.scheduled)
 
     def primary(self) -> MCloser | None:
         for closer in self.closers:
@@ -325,43 +537,99 @@ class Model:
         primary = self.primary()
         return self.phase == "draining" and primary is not None and primary.kind == "helper"
 
+    def log(self, level: int, job: MJob, what: str) -> None:
+        self.logs.append((level, job.name, log_message(job.name, job.request_id, what)))
+
+    # -- ready order and keys ------------------------------------------------------------
+
+    def key_free_for(self, job: MJob) -> bool:
+        return job.key is None or self.holders.get(job.key, job) is job
+
+    def next_ready(self) -> MJob | None:
+        """The queued job that takes the next free slot: the earliest ready, key free."""
+        ready = [j for j in self.queue if self.key_free_for(j)]
+        return min(ready, key=lambda j: j.seq, default=None)
+
+    def can_start(self, plan: Plan) -> bool:
+        """Whether a job submitted now with ``plan`` takes a slot at once."""
+        key = plan.key
+        return (
+            len(self.running) < self.cap
+            and not plan.delay
+            and self.next_ready() is None
+            and (key is None or (key not in self.holders and all(j.key != key for j in self.queue)))
+        )
+
+    def ready(self, job: MJob) -> None:
+        """``job`` becomes ready: it joins the queue, next in ready order."""
+        self.seq += 1
+        job.seq = self.seq
+        job.state = "queued"
+        job.due = None
+        self.queue.append(job)
+
+    def schedule(self, job: MJob, due: float) -> None:
+        job.state = "scheduled"
+        job.due = due
+        self.scheduled.append(job)
+
+    def promote(self) -> None:
+        """Every scheduled job due now becomes ready, in acceptance order."""
+        due = sorted((j for j in self.scheduled if j.due == self.now), key=lambda j: j.index)
+        if len(due) > 1:
+            event("several jobs due at one instant")
+        for job in due:
+            self.scheduled.remove(job)
+            self.ready(job)
+            self.became_due.append(self.now)
+
     # -- submission --------------------------------------------------------------------
 
     def effective_timeout(self, timeout: float | None) -> float:
         limit = timeout if timeout is not None else self.job_timeout
         return math.inf if limit is None else limit
 
-    def accept(self, name: str, request_id: str | None, timeout: float | None) -> None:
-        job = MJob(name, request_id, self.effective_timeout(timeout))
+    def accept(self, name: str, request_id: str | None, timeout: float | None, plan: Plan) -> None:
+        retry = plan.retry if plan.retry is not None else self.default_retry
+        timeout_ = self.effective_timeout(timeout)
+        job = MJob(name, request_id, timeout_, len(self.jobs), plan.key, retry)
+        starts = self.can_start(plan)
         self.jobs[name] = job
-        if len(self.running) < self.cap and not self.queue:
+        if starts:
+            self.seq += 1
+            job.seq = self.seq
             self.take_slot(job)
+            return
+        assert self.places() < self.qmax, "model: a place taken beyond the queue's size"
+        if plan.delay:
+            self.schedule(job, self.now + plan.delay)
         else:
-            assert len(self.queue) < self.qmax, "model: queued beyond the queue's size"
-            self.queue.append(job)
+            if plan.key is not None and plan.key in self.holders:
+                event("queued behind a busy key")
+            self.ready(job)
 
-    def has_room(self) -> bool:
-        return len(self.running) < self.cap or len(self.queue) < self.qmax
+    def has_room(self, plan: Plan) -> bool:
+        return self.can_start(plan) or self.places() < self.qmax
 
-    def spawn(self, name: str, request_id: str | None, timeout: float | None) -> str:
+    def spawn(self, name: str, request_id: str | None, timeout: float | None, plan: Plan) -> str:
         if self.closed:
             return "closed"
-        if not self.has_room():
+        if not self.has_room(plan):
             self.rejected += 1
             return "full"
-        self.accept(name, request_id, timeout)
+        self.accept(name, request_id, timeout, plan)
         self.handles.append(name)
         return "accepted"
 
-    def send(self, name: str, request_id: str | None, timeout: float | None) -> None:
+    def send(self, name: str, request_id: str | None, timeout: float | None, plan: Plan) -> None:
         if self.closed:
             self.senders[name] = "closed"
-        elif self.has_room():
+        elif self.has_room(plan):
             self.senders[name] = "accepted"
-            self.accept(name, request_id, timeout)
+            self.accept(name, request_id, timeout, plan)
         else:
             self.senders[name] = "waiting"
-            self.waiting.append((name, request_id, timeout))
+            self.waiting.append((name, request_id, timeout, plan))
 
     def cancel_sender(self, name: str) -> None:
         self.waiting = [w for w in self.waiting if w[0] != name]
@@ -369,29 +637,30 @@ class Model:
 
     def admit(self) -> None:
         """Accept the longest-waiting send()."""
-        name, request_id, timeout = self.waiting.pop(0)
+        name, request_id, timeout, plan = self.waiting.pop(0)
         self.senders[name] = "accepted"
-        self.accept(name, request_id, timeout)
+        self.accept(name, request_id, timeout, plan)
 
     # -- handles and limits ------------------------------------------------------------
 
     def apply(self, op: Op) -> str:
         """One synchronous action of a burst; returns what the program sees it return."""
         if isinstance(op, Spawn):
-            return self.spawn(op.name, op.request_id, op.timeout)
+            return self.spawn(op.name, op.request_id, op.timeout, op.plan)
         if isinstance(op, Cancel):
             self.cancel(op.name)
         elif isinstance(op, Resize):
             self.resize(op.slots, op.places)
         else:
-            self.mark_release(op.name, "complete" if op.outcome == "complete" else "failed")
+            self.mark_release(op.name, op.outcome)
         return "ok"
 
     def cancel(self, name: str) -> None:
         job = self.jobs[name]
-        if job.state == "queued":
-            # Dropped at once; its place in the queue is free at once.
-            self.queue.remove(job)
+        if job.state in ("queued", "scheduled"):
+            # Dropped at once; its place (a first run's) is free at once, and so is its
+            # key (a retry's).
+            (self.queue if job.state == "queued" else self.scheduled).remove(job)
             self.tighten()
             job.by_handle = True
             self.drop(job)
@@ -412,30 +681,41 @@ class Model:
         self.refill()
         # Shrinking cancels and drops nothing: what exceeds the new limits may stay.
         self.run_limit = max(self.cap, len(self.running))
-        self.queue_limit = max(self.qmax, len(self.queue))
+        self.queue_limit = max(self.qmax, self.places())
 
     def tighten(self) -> None:
         """An excess left by a shrink only drains: the limits follow it down."""
         self.run_limit = max(self.cap, min(self.run_limit, len(self.running)))
-        self.queue_limit = max(self.qmax, min(self.queue_limit, len(self.queue)))
+        self.queue_limit = max(self.qmax, min(self.queue_limit, self.places()))
         # (So once an excess has drained, the limits are the caps again.)
 
     def refill(self) -> bool:
-        """Start queued jobs on free slots, then admit waiting send()s into free places."""
+        """Start ready jobs on free slots, then admit waiting send()s, in order, while
+        the first can start at once or has a place."""
         if self.cut:
             return False
         progressed = False
-        while len(self.running) < self.cap:
-            if self.queue:
-                self.take_slot(self.queue.pop(0))
-            elif self.waiting:
-                self.admit()  # (a queue of size 0: straight to a slot)
-            else:
+        while True:
+            while len(self.running) < self.cap:
+                job = self.next_ready()
+                if job is None:
+                    break
+                self.queue.remove(job)
+                self.take_slot(job)
+                progressed = True
+            placed = False
+            while self.waiting:
+                plan = self.waiting[0][3]
+                if self.can_start(plan):
+                    self.admit()
+                elif self.places() < self.qmax:
+                    self.admit()
+                    placed = True
+                else:
+                    break
+                progressed = True
+            if not placed:
                 break
-            progressed = True
-        while self.waiting and len(self.queue) < self.qmax:
-            self.admit()
-            progressed = True
         self.tighten()
         return progressed
 
@@ -461,60 +741,125 @@ class Model:
     # -- running -----------------------------------------------------------------------
 
     def take_slot(self, job: MJob) -> None:
-        """``job`` takes a slot; its code runs once tasks get to run (`settle`)."""
+        """``job`` takes a slot (and its key); its code runs once tasks get to run."""
         assert len(self.running) < self.cap, "model: a job started at or above the cap"
+        if job.key is not None:
+            assert self.holders.get(job.key, job) is job, "model: a key taken twice"
+            self.holders[job.key] = job
         job.state = "running"
         job.slot_at = self.now
+        job.ran = False
+        job.run_at = None
         self.running.append(job)
 
     def code_ends(self, job: MJob, how: str) -> None:
-        job.end = self.now
-        job.how = how
+        job.ends.append((self.now, how))
 
-    def finish(self, job: MJob, state: str) -> None:
+    def end_run(self, job: MJob, outcome: str, error: type[Exception] | None = None) -> None:
+        """The current run ended with ``outcome``: the job ends so, or runs again later."""
         self.running.remove(job)
         self.tighten()
-        self.reach(job, state)
+        retry = job.retry
+        if (
+            outcome in ("failed", "timed_out")
+            and retry is not None
+            and job.attempt < retry.attempts
+        ):
+            reason = trio.TooSlowError if outcome == "timed_out" else error
+            assert reason is not None
+            if issubclass(reason, retry.on):
+                self.retry_later(job, outcome == "timed_out")
+                return
+            event("a run failed with an exception its policy does not retry")
+        elif outcome in ("failed", "timed_out") and retry is not None:
+            event("the last attempt failed")
+        assert job.run_at is not None
+        job.hooks.append(("finished", outcome, self.now - job.run_at))
+        if outcome == "failed":
+            self.log(logging.ERROR, job, "failed")
+        elif outcome == "timed_out":
+            self.log(logging.WARNING, job, f"timed out after {job.timeout:g} seconds")
+        elif outcome == "cancelled" and not job.by_handle:
+            self.log(logging.WARNING, job, "cancelled at shutdown")
+        if job.cleanup_error:
+            self.log(logging.ERROR, job, "raised an error while being cancelled")
+        self.reach(job, outcome)
+
+    def retry_later(self, job: MJob, timed_out: bool) -> None:
+        retry = job.retry
+        assert retry is not None
+        run = job.attempt
+        delay = min(retry.max_backoff, retry.backoff * retry.multiplier ** (run - 1))
+        self.retried += 1
+        job.attempt = run + 1
+        job.hooks.append(("retrying", "too_slow" if timed_out else "raised", delay, self.now))
+        what = f"timed out after {job.timeout:g} seconds" if timed_out else "failed"
+        self.log(
+            logging.WARNING,
+            job,
+            f"{what} on attempt {run} of {retry.attempts}; retrying in {delay:.3g} seconds",
+        )
+        event(f"retry after {'a timeout' if timed_out else 'a failure'}")
+        self.schedule(job, self.now + delay)
 
     def drop(self, job: MJob) -> None:
         self.drop_order.append(job.name)
+        if not job.by_handle:
+            if job.attempt > 1 and job.retry is not None:
+                what = (
+                    f"dropped at shutdown while waiting to retry "
+                    f"(attempt {job.attempt} of {job.retry.attempts})"
+                )
+            else:
+                what = "dropped at shutdown without starting"
+            self.log(logging.WARNING, job, what)
         self.reach(job, "dropped")
 
     def reach(self, job: MJob, state: str) -> None:
         job.state = state
+        job.due = None
         job.final_at = self.now
+        if job.key is not None and self.holders.get(job.key) is job:
+            del self.holders[job.key]
         for waiter in self.waiters:
             if waiter.job == job.name and waiter.result is None:
                 waiter.result = (WAIT_OUTCOME[state], self.now)
 
     def mark_release(self, name: str, outcome: str) -> None:
-        self.jobs[name].release = outcome
+        job = self.jobs[name]
+        assert len(job.releases) < job.attempt
+        job.releases.append(outcome)
 
     def step_job(self, job: MJob) -> bool:
-        """Let the running ``job``'s task run; whether it ended."""
+        """Let the running ``job``'s task run; whether its run ended."""
         if not job.ran:
+            job.run_at = self.now
+            job.hooks.append(("started", self.now))
             if job.cancel:  # cancelled while it held a slot before its code ran
                 job.by_handle = True
-                self.finish(job, "cancelled")  # its code never runs
+                self.end_run(job, "cancelled")  # its code never runs
                 return True
             job.ran = True
-            job.start = self.now
+            job.starts.append(self.now)
         if job.cancel and not job.released_first:
             job.by_handle = True
             self.code_ends(job, "cancelled")
-            self.finish(job, "cancelled")
+            self.end_run(job, "cancelled")
             return True
-        if job.release is None:
+        release = job.release
+        if release is None:
             return False
-        completes = job.release == "complete"
+        completes = release == "complete"
         self.code_ends(job, "returned" if completes else "raised")
         if job.cancel and not completes:
             # It raised after a cancel it never saw: cancelled; the error is logged.
             job.by_handle = True
             job.cleanup_error = True
-            self.finish(job, "cancelled")
+            self.end_run(job, "cancelled")
+        elif completes:
+            self.end_run(job, "completed")
         else:
-            self.finish(job, "completed" if completes else "failed")
+            self.end_run(job, "failed", ERRORS[release])
         return True
 
     def settle(self) -> None:
@@ -530,13 +875,26 @@ class Model:
         for name, state in self.senders.items():
             if state == "accepted" and name not in self.handles:
                 self.handles.append(name)  # its send() has returned the handle
-        if self.phase == "draining" and self.idle():
-            self.end_drain(NONE)
+        if self.phase == "draining":
+            if self.idle():
+                self.end_drain(NONE)
+            elif (
+                not self.queue
+                and not self.running
+                and self.drain_deadline is not None
+                and min(j.due for j in self.scheduled if j.due is not None) > self.drain_deadline
+            ):
+                # Only jobs due after the deadline are left: cut off now, not then.
+                event("drain: only jobs due after the deadline left")
+                self.deadline_cut(HEADS[self.now < self.drain_deadline])
 
     def advance(self, dt: float) -> None:
         target = self.now + dt
         while True:
-            instants = [j.start + j.timeout for j in self.running if j.start is not None]
+            instants = [
+                j.starts[-1] + j.timeout for j in self.running if j.ran and j.timeout != math.inf
+            ]
+            instants += [j.due for j in self.scheduled if j.due is not None]
             if self.phase == "draining" and self.drain_deadline is not None:
                 instants.append(self.drain_deadline)
             instants += [w.deadline for w in self.waiters if w.result is None]
@@ -548,14 +906,16 @@ class Model:
                 if waiter.result is None and waiter.deadline == self.now:
                     waiter.result = ("gave_up", self.now)
             if self.phase == "draining" and self.drain_deadline == self.now:
-                self.deadline_cut()
-            else:
-                for job in list(self.running):
-                    assert job.start is not None
-                    if job.start + job.timeout == self.now:
-                        self.code_ends(job, "cancelled")
-                        self.finish(job, "timed_out")
-                self.settle()
+                self.deadline_cut("timed out")
+                continue
+            timing_out = [j for j in self.running if j.ran and j.starts[-1] + j.timeout == self.now]
+            if timing_out and any(j.due == self.now for j in self.scheduled):
+                event("a job becomes due as another times out")
+            self.promote()  # (whatever becomes due is ready before what follows)
+            for job in timing_out:
+                self.code_ends(job, "cancelled")
+                self.end_run(job, "timed_out")
+            self.settle()
         self.now = target
 
     # -- shutdown ----------------------------------------------------------------------
@@ -564,33 +924,44 @@ class Model:
         if self.closed:
             return
         self.closed = True
-        for name, _, _ in self.waiting:
+        for name, _, _, _ in self.waiting:
             self.senders[name] = "closed"
         self.waiting = []
 
-    def cut_off(self) -> Result:
-        """Cancel what runs, drop what waits; return the report it makes."""
+    def cut_off(self) -> tuple[tuple[tuple[str, str | None], ...], ...]:
+        """Cancel what runs, drop what waits; return (cancelled, dropped) as reported."""
         self.close_intake()
         cancelled = [j for j in self.jobs.values() if j.state == "running"]
-        dropped = list(self.queue)
+        dropped = sorted(self.queue + self.scheduled, key=lambda j: j.index)
+        for job in dropped:
+            if job.state == "scheduled":
+                event(
+                    "cut-off drops a job waiting to retry"
+                    if job.retried
+                    else "cut-off drops a scheduled job"
+                )
+            elif job.retried:
+                event("cut-off drops a queued retry")
+            elif job.key is not None and job.key in self.holders:
+                event("cut-off drops a job queued behind a busy key")
         for job in cancelled:
             assert job.ran, "model: cut off in the middle of a step"
             assert not job.cancel, "model: cut off in the middle of a step"
             self.code_ends(job, "cancelled")
-            self.finish(job, "cancelled")
+            self.end_run(job, "cancelled")
         self.queue = []
+        self.scheduled = []
         self.tighten()
         for job in dropped:
             self.drop(job)
         self.cut = True
-        report: Result = (
-            "shutdown",
+        cut = (
             tuple((j.name, j.request_id) for j in cancelled),
             tuple((j.name, j.request_id) for j in dropped),
         )
         if cancelled or dropped:
-            self.report = report
-        return report
+            self.report = cut
+        return cut
 
     def resolve(self, closer: MCloser, result: frozenset[Result]) -> None:
         closer.result = result
@@ -619,14 +990,14 @@ class Model:
                 self.drain_deadline = self.now + self.drain_timeout
             self.settle()
             if self.phase == "draining" and self.drain_timeout == 0:
-                self.deadline_cut()
+                self.deadline_cut("timed out")
         elif self.phase == "done":
             # Shutdown already happened: a later call returns None.
             self.resolve(closer, NONE)
 
-    def deadline_cut(self) -> None:
-        report = self.cut_off()
-        self.end_drain(frozenset({report}))
+    def deadline_cut(self, head: str) -> None:
+        cut = self.cut_off()
+        self.end_drain(frozenset({("shutdown", *cut, head)}))
 
     def cancel_primary(self) -> None:
         """The task awaiting the first aclose() is cancelled: cut off at once."""
@@ -645,8 +1016,8 @@ class Model:
         elif self.phase == "draining":
             # A helper's aclose() is draining. The contract does not say what it
             # returns when the body cuts it short: None, or the report of the cut.
-            report = self.cut_off()
-            self.end_drain(frozenset({("none",), report}))
+            cut = self.cut_off()
+            self.end_drain(frozenset({("none",)} | {("shutdown", *cut, h) for h in HEADS}))
         self.body = "done"
         self.body_result = frozenset({how})
 
@@ -663,16 +1034,16 @@ class StepObserver(trio.abc.Instrument):
         self.harness = harness
 
     def after_task_step(self, task: trio.lowlevel.Task) -> None:
-        self.harness.observe()
+        self.harness.observe(task)
 
 
 class LogCollector(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
-        self.seen: list[tuple[int, object]] = []
+        self.seen: list[tuple[int, object, str]] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.seen.append((record.levelno, getattr(record, "job_name", None)))
+        self.seen.append((record.levelno, getattr(record, "job_name", None), record.getMessage()))
 
 
 @attrs.frozen
@@ -680,18 +1051,20 @@ class Snapshot:
     now: float
     stats: BackgroundStatistics
     accepted: tuple[str, ...]
-    started: dict[str, float]
-    ended: dict[str, tuple[float, str]]
-    finished_hook: dict[str, tuple[str, float]]
+    accepted_at: dict[str, float]
+    started: dict[str, tuple[float, ...]]
+    first_starts: tuple[str, ...]  # the jobs whose code has begun, in the order it did
+    ended: dict[str, tuple[tuple[float, str], ...]]
+    hooks: dict[str, tuple[tuple[object, ...], ...]]
     dropped_hook: tuple[str, ...]
     senders: dict[str, str]
-    statuses: dict[str, str]
+    statuses: dict[str, Status]
     waiters: tuple[WaitResult | None, ...]
     closers: tuple[Result, ...]
     after_close: tuple[BackgroundStatistics, ...]
     body: Result
     body_after: BackgroundStatistics | None
-    logs: tuple[tuple[int, object], ...]
+    logs: tuple[tuple[int, object, str], ...]
     failures: tuple[str, ...]
 
 
@@ -711,14 +1084,20 @@ class Harness:
         self.body_scope = trio.CancelScope()
         self.body: Result = WAITING
         self.body_after: BackgroundStatistics | None = None
-        self.events: dict[str, trio.Event] = {}
-        self.outcomes: dict[str, str] = {}
+        self.plans: dict[str, Plan] = {}
+        self.keys: dict[str, str | None] = {}
+        #: Per job, one event and one outcome per run, in run order (as released).
+        self.run_events: dict[str, list[trio.Event]] = {}
+        self.outcomes: dict[str, list[str]] = {}
+        self.runs: dict[str, int] = {}  # runs whose code has begun
         self.values: dict[str, Value] = {}
-        self.raised: dict[str, Exception] = {}
-        self.started: dict[str, float] = {}
-        self.ended: dict[str, tuple[float, str]] = {}
+        self.raised: dict[str, Exception] = {}  # what the last run raised
+        self.started: dict[str, list[float]] = {}
+        self.first_starts: list[str] = []
+        self.ended: dict[str, list[tuple[float, str]]] = {}
         self.accepted: list[str] = []
-        self.finished_hook: dict[str, tuple[str, float]] = {}
+        self.accepted_at: dict[str, float] = {}
+        self.hooks: dict[str, list[tuple[object, ...]]] = {}
         self.dropped_hook: list[str] = []
         self.handles: dict[str, BackgroundJob[Value]] = {}
         self.senders: dict[str, str] = {}
@@ -729,8 +1108,8 @@ class Harness:
         self.closer_scopes: list[trio.CancelScope] = []
         self.after_close: list[BackgroundStatistics] = []
         self.queue_full = 0
-        #: What may be running / queued at the next task step: the caps, or after a
-        #: shrink what was there then, following the excess down as it drains.
+        #: What may be running / hold queue places at the next task step: the caps, or
+        #: after a shrink what was there then, following the excess down as it drains.
         self.run_ceiling = config.max_concurrent_tasks
         self.queue_ceiling = config.max_queue_size
         self.failures: list[str] = []
@@ -788,27 +1167,33 @@ class Harness:
         if self.body_scope.cancelled_caught:
             self.body = ("cancelled",)
 
-    def observe(self) -> None:
+    def statuses(self) -> dict[str, Status]:
+        return {name: (job.status, job.attempt) for name, job in self.handles.items()}
+
+    def observe(self, task: trio.lowlevel.Task) -> None:
         """Invariants at every task step (called by the Trio instrument)."""
         runtime = self.runtime
         if runtime is None:
             return
+        now = trio.current_time()
         s = runtime.statistics()
+        statuses = self.statuses()
+        places = places_in_use(s, statuses)
         problems = []
-        if not 0 <= s.queued <= self.queue_ceiling:
-            problems.append(f"queued beyond {self.queue_ceiling}")
+        if not 0 <= places <= self.queue_ceiling:
+            problems.append(f"{places} queue places in use, beyond {self.queue_ceiling}")
         if not 0 <= s.running <= self.run_ceiling:
             problems.append(f"running beyond {self.run_ceiling}")
-        self.note_excess(s)
-        if s.queued and s.running < s.max_concurrent_tasks:
-            problems.append("a job is queued while a slot is free")
+        self.note_excess(s, places)
+        idle_slot = idle_slot_problems(s, statuses, self.keys, self.accepted)
+        problems += idle_slot
         if s.accepted != len(self.accepted):
             problems.append(f"accepted {s.accepted} != {len(self.accepted)} reported accepted")
         if s.rejected != self.queue_full:
             problems.append(f"rejected {s.rejected} != {self.queue_full} QueueFullErrors")
         # Every job is counted under exactly its status. The jobs without a handle here
-        # are those of send() calls accepted but not returned yet: queued or running.
-        known = Counter(job.status for job in self.handles.values())
+        # are those of send() calls accepted but not returned yet: waiting or running.
+        known = Counter(status for status, _ in statuses.values())
         unknown = {status: getattr(s, status) - known[status] for status in STATUSES}
         if (
             min(unknown.values()) < 0
@@ -816,64 +1201,128 @@ class Harness:
             or sum(unknown.values()) != s.accepted - len(self.handles)
         ):
             problems.append(f"statuses {dict(known)} do not add up to the counters")
+        # A key has one holder at most: a job running, or waiting to run again.
+        holders = Counter(
+            self.keys[name]
+            for name, (status, attempt) in statuses.items()
+            if self.keys[name] is not None
+            and (status == "running" or (status in ("scheduled", "queued") and attempt > 1))
+        )
+        if holders and max(holders.values()) > 1:
+            problems.append(f"a key held twice: {holders}")
         if problems and len(self.failures) < 10:
-            self.failures.append(f"at t={trio.current_time()}: {problems}: {s}")
+            self.failures.append(f"at t={now}: {problems}: {s}")
 
-    def note_excess(self, s: BackgroundStatistics) -> None:
+    def note_excess(self, s: BackgroundStatistics, places: int) -> None:
         """The excess of a shrink only drains: the ceilings follow it down to the caps."""
         self.run_ceiling = max(s.max_concurrent_tasks, min(self.run_ceiling, s.running))
-        self.queue_ceiling = max(s.max_queue_size, min(self.queue_ceiling, s.queued))
+        self.queue_ceiling = max(s.max_queue_size, min(self.queue_ceiling, places))
 
     def shutdown_result(self, exc: BackgroundShutdownError) -> Result:
         s = exc.statistics
-        if s.queued or s.running:
+        if s.queued or s.running or s.scheduled:
             self.failures.append(f"BackgroundShutdownError.statistics not final: {s}")
+        message = str(exc)
+        if message.startswith("drain timed out after"):
+            head = "timed out"
+        elif message.startswith("drain cut short: only jobs due after its"):
+            head = "cut short"
+        else:
+            head = f"unexpected message: {message}"
         return (
             "shutdown",
             tuple(meta_key(j) for j in exc.cancelled),
             tuple(meta_key(j) for j in exc.dropped),
+            head,
         )
 
     # BackgroundInstrument hooks (record only; checks happen at task-step granularity).
     def job_accepted(self, job: BackgroundJobMetadata) -> None:
+        now = trio.current_time()
         self.accepted.append(job.name)
+        self.accepted_at[job.name] = now
+
+    def job_started(self, job: BackgroundJobMetadata) -> None:
+        self.hooks.setdefault(job.name, []).append(("started", trio.current_time()))
+
+    def job_retrying(
+        self, job: BackgroundJobMetadata, exception: BaseException, delay: float
+    ) -> None:
+        now = trio.current_time()
+        if isinstance(exception, trio.TooSlowError):
+            kind = "too_slow"
+        elif exception is self.raised.get(job.name):
+            kind = "raised"  # the run's very exception object
+        else:
+            kind = f"other: {exception!r}"
+        self.hooks.setdefault(job.name, []).append(("retrying", kind, delay, now))
 
     def job_finished(self, job: BackgroundJobMetadata, outcome: str, duration: float) -> None:
-        if job.name in self.finished_hook:
-            self.failures.append(f"job_finished twice for {job.name}")
-        self.finished_hook[job.name] = (outcome, duration)
+        self.hooks.setdefault(job.name, []).append(("finished", outcome, duration))
 
     def job_dropped(self, job: BackgroundJobMetadata) -> None:
         self.dropped_hook.append(job.name)
 
+    def event_for(self, name: str, run: int) -> trio.Event:
+        """The event that releases run number ``run`` of job ``name``."""
+        events = self.run_events[name]
+        while len(events) < run:
+            events.append(trio.Event())
+        return events[run - 1]
+
     async def job(self, name: str) -> Value:
-        self.started[name] = trio.current_time()
+        run = self.runs[name] = self.runs.get(name, 0) + 1
+        now = trio.current_time()
+        if run == 1:
+            self.first_starts.append(name)
+        self.started.setdefault(name, []).append(now)
+        if current_job().attempt != run:
+            self.failures.append(f"{name}: run {run} has attempt {current_job().attempt}")
         if SUBMITTER.get(None) != name:
             self.failures.append(f"{name} ran in the context of {SUBMITTER.get(None)!r}")
+        key = self.keys[name]
+        if key is not None:
+            # The key is held from a job's first start to its final outcome.
+            for other, other_key in self.keys.items():
+                handle = self.handles.get(other)
+                if (
+                    other != name
+                    and other_key == key
+                    and self.runs.get(other)
+                    and (handle is None or handle.status not in FINAL)
+                ):
+                    self.failures.append(f"at t={now}: {name} started while {other} holds {key}")
         try:
-            await self.events[name].wait()
+            await self.event_for(name, run).wait()
         except trio.Cancelled:
-            self.ended[name] = (trio.current_time(), "cancelled")
+            self.ended.setdefault(name, []).append((trio.current_time(), "cancelled"))
             raise
-        outcome = self.outcomes[name]
-        self.ended[name] = (trio.current_time(), "returned" if outcome == "complete" else "raised")
-        if outcome == "fail":
-            error: Exception = BackgroundJobError(f"{name} failed")
-        elif outcome == "error":
-            error = ValueError(f"{name} failed")
-        else:
+        outcome = self.outcomes[name][run - 1]
+        how = "returned" if outcome == "complete" else "raised"
+        self.ended.setdefault(name, []).append((trio.current_time(), how))
+        if outcome == "complete":
             return self.values[name]
+        error = ERRORS[outcome](f"{name} failed on run {run}")
         self.raised[name] = error
         raise error
 
-    async def sender(self, name: str, request_id: str | None, limit: float | None) -> None:
+    async def sender(
+        self, name: str, request_id: str | None, limit: float | None, plan: Plan
+    ) -> None:
         assert self.runtime is not None
         SUBMITTER.set(name)
         self.senders[name] = "waiting"
         with self.sender_scopes[name]:
             try:
                 job = await self.runtime.handle().send(
-                    self.job, name, name=name, request_id=request_id, timeout=limit
+                    self.job,
+                    name,
+                    name=name,
+                    request_id=request_id,
+                    timeout=limit,
+                    delay=plan.delay,
+                    retry=plan.retry,
+                    key=plan.key,
                 )
             except RuntimeClosedError:
                 self.senders[name] = "closed"
@@ -895,7 +1344,7 @@ class Harness:
             except JobCancelledError as exc:
                 result = "cancelled" if exc.job == job.metadata else f"cancelled {exc.job}"
             except Exception as exc:
-                # The job's own exception object, not a copy or a wrapper.
+                # The last run's own exception object, not a copy or a wrapper.
                 result = "failed" if exc is self.raised.get(name) else f"raised {exc!r}"
             else:
                 result = "completed" if value is self.values[name] else f"returned {value!r}"
@@ -952,9 +1401,11 @@ class Harness:
 
     # -- actions ----------------------------------------------------------------------
 
-    def new_job(self, name: str) -> None:
-        self.events[name] = trio.Event()
-        self.outcomes[name] = "complete"
+    def new_job(self, name: str, plan: Plan) -> None:
+        self.plans[name] = plan
+        self.keys[name] = plan.key
+        self.run_events[name] = []
+        self.outcomes[name] = []
         self.values[name] = Value(name)
 
     def burst(self, ops: list[Op]) -> list[View]:
@@ -966,11 +1417,18 @@ class Harness:
         assert runtime is not None
         result = "ok"
         if isinstance(op, Spawn):
-            self.new_job(op.name)
+            self.new_job(op.name, op.plan)
             SUBMITTER.set(op.name)
             try:
                 job = runtime.handle().spawn(
-                    self.job, op.name, name=op.name, request_id=op.request_id, timeout=op.timeout
+                    self.job,
+                    op.name,
+                    name=op.name,
+                    request_id=op.request_id,
+                    timeout=op.timeout,
+                    delay=op.plan.delay,
+                    retry=op.plan.retry,
+                    key=op.plan.key,
                 )
             except QueueFullError:
                 self.queue_full += 1
@@ -981,24 +1439,28 @@ class Harness:
                 self.handles[op.name] = job
                 result = "accepted"
         elif isinstance(op, Cancel):
-            self.handles[op.name].cancel()
+            handle = self.handles.get(op.name)
+            if handle is None:  # (the model accepted a job the runtime did not)
+                result = "no such handle"
+            else:
+                handle.cancel()
         elif isinstance(op, Resize):
             runtime.resize(max_concurrent_tasks=op.slots, max_queue_size=op.places)
             s = runtime.statistics()
             self.run_ceiling = max(s.max_concurrent_tasks, s.running)
-            self.queue_ceiling = max(s.max_queue_size, s.queued)
+            self.queue_ceiling = max(s.max_queue_size, places_in_use(s, self.statuses()))
         else:
-            self.outcomes[op.name] = op.outcome
-            self.events[op.name].set()
-        statuses = {name: job.status for name, job in self.handles.items()}
-        return View(result, statuses, runtime.statistics())
+            outcomes = self.outcomes[op.name]
+            outcomes.append(op.outcome)
+            self.event_for(op.name, len(outcomes)).set()
+        return View(result, self.statuses(), runtime.statistics(), tuple(self.accepted))
 
-    def send(self, name: str, request_id: str | None, timeout: float | None) -> None:
+    def send(self, name: str, request_id: str | None, timeout: float | None, plan: Plan) -> None:
         def act() -> None:
             assert self.nursery is not None
-            self.new_job(name)
+            self.new_job(name, plan)
             self.sender_scopes[name] = trio.CancelScope()
-            self.nursery.start_soon(self.sender, name, request_id, timeout)
+            self.nursery.start_soon(self.sender, name, request_id, timeout, plan)
 
         self.sync_step(act)
 
@@ -1025,6 +1487,23 @@ class Harness:
             await trio.sleep(dt)
 
         self.step(act)
+
+    def spawn_at(self, dt: float, op: Spawn) -> View:
+        """A task sleeps ``dt``, then does ``op``: at the instant the clock gets there,
+        beside whatever else wakes then (the timer task, jobs starting)."""
+        views: list[View] = []
+
+        async def spawner() -> None:
+            await trio.sleep(dt)
+            views.append(self.apply(op))
+
+        async def act() -> None:
+            assert self.nursery is not None
+            self.nursery.start_soon(spawner)
+            await trio.sleep(dt)
+
+        self.step(act)
+        return views[0]
 
     def start_aclose(self) -> None:
         def act() -> None:
@@ -1055,12 +1534,14 @@ class Harness:
                 now=trio.current_time(),
                 stats=self.runtime.statistics(),
                 accepted=tuple(self.accepted),
-                started=dict(self.started),
-                ended=dict(self.ended),
-                finished_hook=dict(self.finished_hook),
+                accepted_at=dict(self.accepted_at),
+                started={name: tuple(times) for name, times in self.started.items()},
+                first_starts=tuple(self.first_starts),
+                ended={name: tuple(ends) for name, ends in self.ended.items()},
+                hooks={name: tuple(calls) for name, calls in self.hooks.items()},
                 dropped_hook=tuple(self.dropped_hook),
                 senders=dict(self.senders),
-                statuses={name: job.status for name, job in self.handles.items()},
+                statuses=self.statuses(),
                 waiters=tuple(self.waiters),
                 closers=tuple(self.closers),
                 after_close=tuple(self.after_close),
@@ -1133,12 +1614,14 @@ class RuntimeMachine(RuleBasedStateMachine):
         real = self.h.burst(ops)
         for op, got, want in zip(ops, real, expected, strict=True):
             assert got == want.view, f"right after {op}:\nreal:  {got}\nmodel: {want.view}"
-            self.check_limits(got.stats, want.run_limit, want.queue_limit)
+            self.check_limits(
+                got.stats, got.statuses, got.accepted, want.run_limit, want.queue_limit
+            )
         self.model.settle()
 
-    def draw_spawn(self, timeout: float | None) -> Spawn:
+    def draw_spawn(self, timeout: float | None, plan: Plan) -> Spawn:
         name, request_id = self.next_name()
-        return Spawn(name, request_id, timeout)
+        return Spawn(name, request_id, timeout, plan)
 
     def cancel_groups(self) -> dict[str, list[str]]:
         """The jobs the program holds a handle of, by what cancel() would meet."""
@@ -1149,8 +1632,16 @@ class RuntimeMachine(RuleBasedStateMachine):
                 kind = "running" if job.ran else "holds a slot, code not run yet"
                 if job.ran and job.release is not None:
                     kind = "woken by its release"
+            elif job.state == "scheduled":
+                kind = "waiting to retry" if job.retried else "scheduled"
+            elif job.state == "queued":
+                kind = "queued"
+                if job.retried:
+                    kind = "queued to retry"
+                elif not self.model.key_free_for(job):
+                    kind = "queued behind a busy key"
             else:
-                kind = job.state if job.state == "queued" else "finished"
+                kind = "finished"
             groups.setdefault(kind, []).append(name)
         return groups
 
@@ -1170,20 +1661,22 @@ class RuntimeMachine(RuleBasedStateMachine):
             kinds.append("release")
         kind = data.draw(st.sampled_from(kinds), label="action")
         if kind == "spawn":
-            return self.draw_spawn(data.draw(job_timeouts, label="timeout"))
+            timeout = data.draw(job_timeouts, label="timeout")
+            return self.draw_spawn(timeout, data.draw(plans, label="plan"))
         if kind == "cancel":
             return self.draw_cancel(data)
         if kind == "resize":
             return data.draw(resizes, label="resize")
         name = data.draw(st.sampled_from(self.releasable()), label="release")
-        return Release(name, data.draw(st.sampled_from(["complete", "fail"]), label="outcome"))
+        outcome = data.draw(st.sampled_from(["complete", "fail", "error"]), label="outcome")
+        return Release(name, outcome)
 
     def note_resize(self, op: Resize) -> None:
         m = self.model
         if op.slots is not None and op.slots < len(m.running):
             event("resize: slots below the jobs running")
-        if op.places is not None and op.places < len(m.queue):
-            event("resize: queue below the jobs queued")
+        if op.places is not None and op.places < m.places():
+            event("resize: queue below the places in use")
 
     # -- rules -----------------------------------------------------------------------
 
@@ -1192,10 +1685,10 @@ class RuntimeMachine(RuleBasedStateMachine):
         return self.model.phase == "done" and self.model.body == "done" and self.counter > 0
 
     @precondition(lambda self: not self.finished())
-    @rule(timeouts=st.lists(job_timeouts, min_size=1, max_size=3))
-    def spawn(self, timeouts: list[float | None]) -> None:
+    @rule(jobs=st.lists(st.tuples(job_timeouts, plans), min_size=1, max_size=3))
+    def spawn(self, jobs: list[tuple[float | None, Plan]]) -> None:
         # A burst of spawn() calls, in one step (no checkpoint in between).
-        ops: list[Op] = [self.draw_spawn(timeout) for timeout in timeouts]
+        ops: list[Op] = [self.draw_spawn(timeout, plan) for timeout, plan in jobs]
         expected = [self.model.expect(op) for op in ops]
         for want in expected:
             event(f"spawn: {want.view.result}")
@@ -1207,7 +1700,7 @@ class RuntimeMachine(RuleBasedStateMachine):
     @precondition(lambda self: bool(self.live_handles()))
     @rule(data=st.data(), count=st.integers(1, 3))
     def cancel_jobs(self, data: st.DataObject, count: int) -> None:
-        # cancel() of held jobs, queued, running or finished, in one step.
+        # cancel() of held jobs, scheduled, queued, running or finished, in one step.
         ops: list[Op] = []
         expected = []
         for _ in range(count):
@@ -1235,13 +1728,16 @@ class RuntimeMachine(RuleBasedStateMachine):
             expected.append(self.model.expect(op))
         self.run_burst(ops, expected)
 
-    @precondition(lambda self: not self.finished())
-    @rule(timeout=job_timeouts)
-    def send(self, timeout: float | None) -> None:
+    def may_send(self) -> bool:
+        return not self.finished()
+
+    @precondition(lambda self: self.may_send())
+    @rule(timeout=job_timeouts, plan=plans)
+    def send(self, timeout: float | None, plan: Plan) -> None:
         self.healthy = False
         name, request_id = self.next_name()
-        self.model.send(name, request_id, timeout)
-        self.h.send(name, request_id, timeout)
+        self.model.send(name, request_id, timeout, plan)
+        self.h.send(name, request_id, timeout, plan)
         self.model.settle()
         event(f"send: {self.model.senders[name]}")
 
@@ -1280,17 +1776,18 @@ class RuntimeMachine(RuleBasedStateMachine):
         self.h.cancel_waiter(index)
 
     def releasable(self) -> list[str]:
+        """Jobs whose current (or next) run has not been released yet."""
         return [
             j.name
             for j in self.model.jobs.values()
-            if j.state in ("queued", "running") and j.release is None
+            if j.state not in FINAL and len(j.releases) < j.attempt
         ]
 
     @precondition(lambda self: bool(self.releasable()))
-    @rule(data=st.data(), outcome=st.sampled_from(["complete", "complete", "fail", "error"]))
+    @rule(data=st.data(), outcome=st.sampled_from(["complete", "fail", "error"]))
     def release_job(self, data: st.DataObject, outcome: str) -> None:
         self.healthy = False
-        # A running job ends now; a queued one will end as soon as it starts.
+        # A running job's run ends now; a waiting one's will end as soon as it starts.
         name = data.draw(st.sampled_from(self.releasable()), label="job")
         op = Release(name, outcome)
         self.run_burst([op], [self.model.expect(op)])
@@ -1300,6 +1797,45 @@ class RuntimeMachine(RuleBasedStateMachine):
         self.healthy = False
         self.model.advance(dt)
         self.h.advance(dt)
+
+    @precondition(lambda self: not self.finished())
+    @rule(dt=st.sampled_from([0.5, 1.0, 1.5, 2.5]), timeout=job_timeouts, plan=plans)
+    def spawn_later(self, dt: float, timeout: float | None, plan: Plan) -> None:
+        # A task spawns a job once the clock has advanced by dt: at that very instant,
+        # scheduled jobs may become due (ready before it, whichever task Trio runs
+        # first). If a job ends at that instant too (a timeout, a released job that
+        # starts then), who runs first decides whether a slot is free for the spawn: a
+        # genuine race, so then the job is spawned once the instant has settled.
+        self.healthy = False
+        trial = copy.deepcopy(self.model)
+        trial.advance(dt)
+        at = self.model.now + dt
+        racy = any(j.final_at == at or any(t == at for t, _ in j.ends) for j in trial.jobs.values())
+        op = self.draw_spawn(timeout, plan)
+        if racy:
+            self.model.advance(dt)
+            self.h.advance(dt)
+            self.run_burst([op], [self.model.expect(op)])
+            return
+        event(f"spawn at an instant{' jobs become due' if at in trial.became_due else ''}")
+        pending = {name for name, _, _, _ in self.model.waiting}
+        self.model.advance(dt)
+        want = self.model.expect(op).view
+        got = self.h.spawn_at(dt, op)
+        # A send() admitted at that instant may not have returned its handle yet.
+        admitted = {name for name in pending if self.model.senders[name] == "accepted"}
+
+        def seen(view: View) -> View:
+            statuses = {n: v for n, v in view.statuses.items() if n not in admitted}
+            return attrs.evolve(view, statuses=statuses)
+
+        if want.result == "closed":
+            # Refused before anything else: the jobs due at that instant may or may not
+            # have become ready yet (nothing is accepted ahead of them).
+            assert got.result == "closed", f"\nreal:  {got}\nmodel: {want}"
+        else:
+            assert seen(got) == seen(want), f"\nreal:  {got}\nmodel: {want}"
+        self.model.settle()
 
     def shutdown_kinds(self) -> list[str]:
         """The shutdown moves possible now (none before `patience` submissions)."""
@@ -1340,6 +1876,10 @@ class RuntimeMachine(RuleBasedStateMachine):
         self.healthy = False
         kind = data.draw(st.sampled_from(self.shutdown_kinds()), label="kind")
         event(f"shut down: {kind}, {'idle' if self.model.idle() else 'busy'}")
+        if self.model.phase == "open":
+            states = {j.state if not j.retried else "retry" for j in self.model.jobs.values()}
+            for state in sorted(states & {"scheduled", "retry", "queued", "running"}):
+                event(f"shutdown begins with a job {state}")
         if kind == "aclose":
             # A task calls aclose() (the first call drains; later ones wait or return).
             self.model.start_aclose("helper")
@@ -1377,16 +1917,44 @@ class RuntimeMachine(RuleBasedStateMachine):
         self.check(self.h.snapshot())
         self.healthy = True
 
-    def check_limits(self, s: BackgroundStatistics, run_limit: int, queue_limit: int) -> None:
+    def check_limits(
+        self,
+        s: BackgroundStatistics,
+        statuses: dict[str, Status],
+        accepted: Iterable[str],
+        run_limit: int,
+        queue_limit: int,
+    ) -> None:
         """The caps, as a shrink may leave them exceeded (the model knows how far)."""
-        assert s.queued <= queue_limit, (s, queue_limit)
+        places = places_in_use(s, statuses)
+        assert 0 <= places <= queue_limit, (s, places, queue_limit)
         assert s.running <= run_limit, (s, run_limit)
         if s.running > s.max_concurrent_tasks:
             event("running above the slots, after a shrink")
-        if s.queued > s.max_queue_size:
-            event("queued above the queue size, after a shrink")
-        # Work conservation: a job waits only while every slot is busy.
-        assert s.queued == 0 or s.running >= s.max_concurrent_tasks, s
+        if places > s.max_queue_size:
+            event("places above the queue size, after a shrink")
+        if s.queued > s.max_queue_size and places <= s.max_queue_size:
+            event("queued above the queue size: retries")
+        # Work conservation: a job waits while a slot is free only for its key.
+        problems = idle_slot_problems(s, statuses, self.h.keys, accepted)
+        assert not problems, problems
+
+    def check_key_order(self, snap: Snapshot) -> None:
+        """The jobs of each key first started in their ready order (from what was seen)."""
+        index = {name: i for i, name in enumerate(snap.accepted)}
+
+        def ready(name: str) -> tuple[float, int, int]:
+            # Ready when accepted, or when due (before what is accepted at that instant).
+            delay = self.h.plans[name].delay or 0.0
+            return (snap.accepted_at[name] + delay, 0 if delay else 1, index[name])
+
+        for key in KEYS:
+            firsts = [n for n in snap.first_starts if self.h.keys[n] == key]
+            assert [ready(n) for n in firsts] == sorted(ready(n) for n in firsts), (key, firsts)
+            for name, (status, attempt) in snap.statuses.items():
+                if status == "queued" and attempt == 1 and self.h.keys[name] == key:
+                    overtaken = [n for n in firsts if ready(n) > ready(name)]
+                    assert not overtaken, f"{overtaken} started before {name}, ready earlier"
 
     def check(self, snap: Snapshot) -> None:
         model = self.model
@@ -1395,37 +1963,29 @@ class RuntimeMachine(RuleBasedStateMachine):
         expected = model.statistics()
         assert snap.stats == expected, f"\nreal:  {snap.stats}\nmodel: {expected}"
         s = snap.stats
-        assert s.queued + s.running + s.completed + s.failed + s.timed_out + s.cancelled + (
-            s.dropped
+        assert s.scheduled + s.queued + s.running + s.completed + s.failed + s.timed_out + (
+            s.cancelled + s.dropped
         ) == len(model.jobs)
         assert s.accepted == len(model.jobs)
-        self.check_limits(s, model.run_limit, model.queue_limit)
-        # Every handle's status, as the model says (and so as the counters say).
+        self.check_limits(s, snap.statuses, snap.accepted, model.run_limit, model.queue_limit)
+        # Every handle's status and attempt, as the model says (and so as the counters).
         assert snap.statuses == model.statuses(), (
             f"\nreal:  {snap.statuses}\nmodel: {model.statuses()}"
         )
-        assert Counter(snap.statuses.values()) <= Counter(
+        assert Counter(status for status, _ in snap.statuses.values()) <= Counter(
             {status: getattr(s, status) for status in STATUSES}
         )
-        # Acceptance order; FIFO start among the jobs not cancelled before their code
-        # ran; exact start and end instants.
+        # Acceptance order; the jobs of each key in ready order; every run's exact start
+        # and end instants (so the ready order and the backoffs); every hook call.
         assert snap.accepted == tuple(model.jobs)
-        skipped = {j.name for j in model.jobs.values() if j.by_handle and not j.ran}
-        eligible = [n for n in snap.accepted if n not in skipped]
-        started = [n for n in eligible if n in snap.started]
-        assert started == eligible[: len(started)]
-        starts = [snap.started[n] for n in started]
-        assert starts == sorted(starts)
-        assert snap.started == {j.name: j.start for j in model.jobs.values() if j.start is not None}
-        assert snap.ended == {
-            j.name: (j.end, j.how) for j in model.jobs.values() if j.end is not None
-        }
-        assert snap.finished_hook == {
-            j.name: (j.state, j.final_at - j.slot_at)
-            for j in model.jobs.values()
-            if j.final_at is not None and j.slot_at is not None
-        }
-        assert snap.dropped_hook == tuple(model.drop_order)
+        self.check_key_order(snap)
+        want_started = {j.name: tuple(j.starts) for j in model.jobs.values() if j.starts}
+        assert snap.started == want_started, f"\nreal:  {snap.started}\nmodel: {want_started}"
+        assert snap.ended == {j.name: tuple(j.ends) for j in model.jobs.values() if j.ends}
+        want_hooks = {j.name: tuple(j.hooks) for j in model.jobs.values() if j.hooks}
+        assert snap.hooks == want_hooks, f"\nreal:  {snap.hooks}\nmodel: {want_hooks}"
+        # (A cut-off drops jobs in no particular order; its report is in acceptance order.)
+        assert Counter(snap.dropped_hook) == Counter(model.drop_order)
         # What every wait() returned or raised, and when.
         assert snap.waiters == tuple(w.result for w in model.waiters), (
             f"\nreal:  {snap.waiters}\nmodel: {[w.result for w in model.waiters]}"
@@ -1439,31 +1999,24 @@ class RuntimeMachine(RuleBasedStateMachine):
                 assert real == WAITING
             else:
                 assert real in closer.result, (real, closer.result)
-        # After aclose() returns or raises, nothing is queued or running.
+        # After aclose() returns or raises, nothing is scheduled, queued or running.
         for after in snap.after_close:
-            assert after.queued == 0, after
-            assert after.running == 0, after
+            assert after.scheduled == after.queued == after.running == 0, after
         if model.body_result is None:
             assert snap.body == WAITING
         else:
             assert snap.body in model.body_result, (snap.body, model.body_result)
             assert snap.body_after is not None
+            assert snap.body_after.scheduled == 0
             assert snap.body_after.queued == 0
             assert snap.body_after.running == 0
-        # The log: ERROR per failed job, WARNING per timed-out job and per job cancelled
-        # or dropped by shutdown (a cancel() the program asked for is no warning), ERROR
-        # for an error raised by a job unwinding from cancel().
-        logs: Counter[tuple[int, object]] = Counter()
-        for j in model.jobs.values():
-            if j.state == "failed":
-                logs[(logging.ERROR, j.name)] += 1
-            elif j.state == "timed_out" or (
-                j.state in ("cancelled", "dropped") and not j.by_handle
-            ):
-                logs[(logging.WARNING, j.name)] += 1
-            if j.cleanup_error:
-                logs[(logging.ERROR, j.name)] += 1
-        assert Counter(snap.logs) == logs
+        # The log, message by message: ERROR per failed job, WARNING per timed-out job,
+        # per retry (naming the attempt) and per job cancelled or dropped by shutdown (a
+        # cancel() the program asked for is no warning), ERROR for an error raised by a
+        # job unwinding from cancel().
+        assert Counter(snap.logs) == Counter(model.logs), (
+            f"\nreal:  {sorted(snap.logs, key=str)}\nmodel: {sorted(model.logs, key=str)}"
+        )
 
     def teardown(self) -> None:
         if self.harness is None:
@@ -1471,22 +2024,32 @@ class RuntimeMachine(RuleBasedStateMachine):
         try:
             if not self.healthy:
                 return
-            # Let everything finish: release every job (again as new ones start) and
-            # leave the block; then nothing may be queued or running, and every
-            # accepted job must have run or been reported.
+            # Let everything finish: release every run (again as new ones start), leave
+            # the block, and let time pass while the drain waits for scheduled jobs (or
+            # cuts them off, those due after its deadline); then nothing may be waiting
+            # or running, and every accepted job must have run or been reported.
             for _ in range(1000):
                 names = self.releasable()
-                if not names:
+                if names:
+                    ops: list[Op] = [Release(name, "complete") for name in names]
+                    self.run_burst(ops, [self.model.expect(op) for op in ops])
+                elif self.model.body == "in_block":
+                    if not self.model.idle():
+                        event("the block is left with jobs scheduled")
+                    self.model.start_aclose("body")
+                    self.h.body_do("exit")
+                elif self.model.phase != "done":
+                    self.model.advance(0.5)
+                    self.h.advance(0.5)
+                else:
                     break
-                ops: list[Op] = [Release(name, "complete") for name in names]
-                self.run_burst(ops, [self.model.expect(op) for op in ops])
-            if self.model.body == "in_block":
-                self.model.start_aclose("body")
-                self.h.body_do("exit")
+                self.check(self.h.snapshot())
             snap = self.h.snapshot()
             self.check(snap)
             for job in self.model.jobs.values():
                 event(f"job {job.state}{' by handle' if job.by_handle else ''}")
+                if job.attempt > 1:
+                    event(f"job {job.state} after {job.attempt} attempts")
                 if job.released_first:
                     event(f"cancel after its release woke it: {job.state}")
                 if job.cancel and not job.ran:
@@ -1499,17 +2062,15 @@ class RuntimeMachine(RuleBasedStateMachine):
                 assert waiter.result is not None  # every job ended: every wait() returned
                 event(f"wait: {waiter.result[0]}")
             assert self.model.phase == "done"
-            assert snap.stats.queued == snap.stats.running == 0
+            assert snap.stats.scheduled == snap.stats.queued == snap.stats.running == 0
             assert snap.stats.closed
             for job in self.model.jobs.values():
                 # A job's code ran, or it was dropped, or cancelled before it ran.
-                assert (job.name in snap.started) == job.ran, job
-                assert job.ran or job.state == "dropped" or job.by_handle, job
+                assert bool(snap.started.get(job.name)) == bool(job.starts), job
+                assert job.starts or job.state == "dropped" or job.by_handle, job
             if self.model.report is not None:
                 # The cut-off reports what it cut, never a job cancelled through its handle.
-                _, cancelled, dropped = self.model.report
-                assert isinstance(cancelled, tuple)
-                assert isinstance(dropped, tuple)
+                cancelled, dropped = self.model.report
                 assert [n for n, _ in cancelled] == [
                     j.name
                     for j in self.model.jobs.values()
@@ -1536,3 +2097,124 @@ def test_runtime_matches_model() -> None:
         settings(PROFILE) if LONG else settings(PROFILE, max_examples=300, stateful_step_count=40)
     )
     run_state_machine_as_test(RuntimeMachine, settings=chosen)
+
+
+# --------------------------------------------------------------------------------------
+# Jitter, and the two behaviours the machine keeps out
+# --------------------------------------------------------------------------------------
+
+
+def test_jittered_backoffs_lie_between_zero_and_the_backoff() -> None:
+    # Jobs that fail every run, with jitter: each retry's delay, as job_retrying gives it
+    # and as the next run's start instant shows it, lies in [0, computed backoff].
+    retry = Retry(attempts=4, backoff=1.0, multiplier=2.0, max_backoff=3.0, jitter=True)
+    bounds = [1.0, 2.0, 3.0]  # after runs 1, 2, 3: min(3, 1 * 2 ** (n - 1))
+    retrying: dict[str, list[tuple[float, float]]] = {}  # (instant, delay) per retry
+    runs: dict[str, list[float]] = {}
+
+    class Hooks:
+        def job_retrying(
+            self, job: BackgroundJobMetadata, exception: BaseException, delay: float
+        ) -> None:
+            retrying.setdefault(job.name, []).append((trio.current_time(), delay))
+
+    async def flaky(name: str) -> None:
+        runs.setdefault(name, []).append(trio.current_time())
+        await trio.sleep(0.5)
+        raise ValueError(name)
+
+    async def main() -> None:
+        config = BackgroundTaskConfig(max_concurrent_tasks=100, drain_timeout=math.inf)
+        async with open_background_runtime(config, instruments=[Hooks()]) as runtime:
+            for i in range(30):
+                runtime.handle().spawn(flaky, f"job{i}", name=f"job{i}", retry=retry)
+        assert runtime.statistics().failed == 30
+        assert runtime.statistics().retried == 90
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    delays = []
+    for name, calls in retrying.items():
+        assert len(calls) == 3
+        assert len(runs[name]) == 4
+        for n, ((at, delay), bound) in enumerate(zip(calls, bounds, strict=True)):
+            assert 0 <= delay <= bound, (name, n + 1, delay)
+            assert at == runs[name][n] + 0.5  # the run failed then ...
+            assert runs[name][n + 1] == pytest.approx(at + delay, abs=1e-9)  # ... ran again
+            delays.append(delay / bound)
+    # Drawn, not fixed: spread over the range.
+    assert min(delays) < 0.25
+    assert max(delays) > 0.75
+    assert len(set(delays)) == len(delays)
+
+
+class QueuedWhileFree:
+    """An instrument that notes every job_finished call that sees a free slot and a
+    queued job (no keys here: any queued job could take it)."""
+
+    def __init__(self) -> None:
+        self.runtime: BackgroundRuntime | None = None
+        self.seen: list[BackgroundStatistics] = []
+
+    def job_finished(self, job: BackgroundJobMetadata, outcome: str, duration: float) -> None:
+        assert self.runtime is not None
+        s = self.runtime.statistics()
+        if s.queued and s.running < s.max_concurrent_tasks:
+            self.seen.append(s)
+
+
+def test_a_job_ending_as_jobs_become_due_leaves_no_slot_free() -> None:
+    # job J times out at t=1, when D1 and D2 become due; two slots. Whichever of J's task
+    # and the timer task runs first at t=1, no hook may see D2 queued beside a free slot.
+    async def main(hook: QueuedWhileFree) -> None:
+        config = BackgroundTaskConfig(max_concurrent_tasks=2, max_queue_size=5)
+        async with open_background_runtime(config, instruments=[hook]) as runtime:
+            hook.runtime = runtime
+            handle = runtime.handle()
+            handle.spawn(trio.sleep_forever, name="J", timeout=1)
+            handle.spawn(trio.sleep, 1, name="D1", delay=1)
+            handle.spawn(trio.sleep, 1, name="D2", delay=1)
+
+    hooks = []
+    for _ in range(20):  # Trio orders the tasks woken at one instant at random
+        hook = QueuedWhileFree()
+        trio.run(main, hook, clock=trio.testing.MockClock(autojump_threshold=0))
+        hooks.append(hook)
+    assert [hook.seen for hook in hooks] == [[]] * 20
+
+
+def test_a_waiting_send_that_can_start_on_a_free_slot_is_admitted() -> None:
+    admitted: list[str] = []
+
+    async def main() -> None:
+        config = BackgroundTaskConfig(max_concurrent_tasks=2, max_queue_size=1)
+        async with open_background_runtime(config) as runtime:
+            handle = runtime.handle()
+            go = {name: trio.Event() for name in ("A", "X", "B", "W1", "W2")}
+
+            async def job(name: str) -> None:
+                await go[name].wait()
+
+            handle.spawn(job, "A", name="A", key="k")  # holds k
+            handle.spawn(job, "X", name="X")
+            handle.spawn(job, "B", name="B", key="k")  # waits for k, in the only place
+            sent: list[str] = []
+
+            async def send(name: str, key: str | None) -> None:
+                await handle.send(job, name, name=name, key=key)
+                sent.append(name)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send, "W1", "k")  # waits: no place
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(send, "W2", None)  # waits behind it
+                await trio.testing.wait_all_tasks_blocked()
+                go["X"].set()  # a slot is free; W1 has no place still, W2 is behind it
+                await trio.testing.wait_all_tasks_blocked()
+                go["A"].set()  # B takes A's slot, W1 B's place: W2 can take the free slot
+                await trio.sleep(10)
+                admitted.extend(sent)
+                for done in go.values():
+                    done.set()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert sorted(admitted) == ["W1", "W2"]  # (both woken in one step: they resume in any order)

@@ -708,8 +708,10 @@ class Admission:
             self.give_back(lane)
             return None
         events: HandOff | None = None
+        promoted = False
         if self.timers and self.timers[0][0] <= trio.current_time():
             events = self.promote_due()
+            promoted = True
         following = self.head
         if following is not None and following._sched is None and not self.released:
             self.pop()  # (what pick() does, for a job without a schedule)
@@ -732,6 +734,12 @@ class Admission:
                 return self.refill(self.start_failure(following, lane, exc, events))
             following._slot = lane
             following._state = STARTING
+            if (promoted or self.waiters) and (
+                self.limiter.borrowed_tokens < self.max_concurrent_tasks
+            ):
+                # Other slots are free: for the other jobs that became due, or a waiting
+                # send() behind the one just let in that can start at once.
+                return self.refill(events)
             return events
         return self.refill(self.take(following, lane, events))
 
