@@ -14,6 +14,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from trio_background import (
     current_job,
     open_background_runtime,
 )
+from trio_background.durable import DurableQueue, DurableStatistics, TaskRegistry
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -52,6 +54,17 @@ def _static_spawn(handle: BackgroundHandle) -> None:  # checked by mypy, never c
     handle.spawn(takes_int, 1, request_id=4)  # type: ignore[arg-type]
     handle.spawn(takes_int, 1, timeout="5")  # type: ignore[arg-type]
     handle.spawn(takes_int(1))  # type: ignore[arg-type]
+
+
+async def _static_enqueue(queue: DurableQueue) -> None:  # checked by mypy, never called
+    assert_type(await queue.enqueue(takes_int, 1), str)
+    await queue.enqueue(takes_int_str, 1, "a", delay=1.5, request_id="r", dedupe_key="k")
+    await queue.enqueue(takes_int, "wrong")  # type: ignore[arg-type]
+    await queue.enqueue(takes_int)  # type: ignore[arg-type]
+    await queue.enqueue(takes_int, 1, dedupe_key=3)  # type: ignore[arg-type]
+    registered: Callable[[int], Coroutine[Any, Any, None]] = TaskRegistry().task(takes_int)
+    assert registered is takes_int  # (the decorator returns the function, type and all)
+    assert_type(await queue.statistics(), DurableStatistics)
 
 
 async def _static_send(handle: BackgroundHandle) -> None:  # checked by mypy, never called
