@@ -398,3 +398,45 @@ async def test_a_job_that_fails_logs_like_any_other(
     assert [r.getMessage() for r in errors] == [
         "background job 'picky' failed (request_id='req-9')"
     ]
+
+
+gates: dict[int, trio.Event] = {}
+
+
+@tasks.task(name="gated", retry=Retry(attempts=5, backoff=0))
+async def gated() -> None:
+    attempt = current_job().attempt
+    ran("gated", None)
+    gates[attempt] = trio.Event()
+    await gates[attempt].wait()
+
+
+async def test_a_claim_taken_again_by_the_same_worker_keeps_its_renewals(
+    tmp_path: Path,
+) -> None:
+    # Its lease ran out while the worker was stalled, and the same worker claimed the job
+    # again. The first run's late outcome is ignored, and must not stop the renewals of
+    # the second run's claim (whose lease would run out in turn: a third run).
+    path = tmp_path / "q.db"
+    gates.clear()
+    async with queue_at(path, lease=1.0) as queue:
+        job_id = await queue.enqueue(gated)
+        async with open_background_runtime(CONFIG) as runtime, trio.open_nursery() as nursery:
+            await nursery.start(queue.serve, runtime)
+            with trio.fail_after(10):
+                while 1 not in gates:  # noqa: ASYNC110 (set by the job)
+                    await trio.sleep(0.01)
+                while 2 not in gates:  # the lease runs out, as in a stall; claimed again
+                    db = sqlite3.connect(path)
+                    db.execute("UPDATE jobs SET lease_until = 0 WHERE id = ?", (int(job_id),))
+                    db.commit()
+                    db.close()
+                    await trio.sleep(0.1)
+            gates[1].set()  # the first run ends: its outcome is ignored
+            await trio.sleep(3.5)  # three leases and more: the second run stays claimed
+            assert [attempt for _, _, attempt, _ in runs] == [1, 2]
+            assert await queue.status(job_id) == "running"
+            gates[2].set()
+            await until(lambda: _is(queue, job_id, "completed"))
+            nursery.cancel_scope.cancel()
+        assert (await queue.statistics()).retried == 1

@@ -539,7 +539,8 @@ class DurableQueue:
                 self._written.set()
                 self._written = trio.Event()
             for outcome, ok in zip(batch, held, strict=True):
-                self._held.pop(outcome.job_id, None)
+                if self._held.get(outcome.job_id) == outcome.token:  # (not a newer claim's)
+                    del self._held[outcome.job_id]
                 if not ok and outcome.verdict != "release":
                     logger.warning(
                         "durable job %s: its lease was lost (another worker claimed it): "
@@ -552,9 +553,11 @@ class DurableQueue:
         while True:
             await trio.sleep(self._lease / 3)
             if self._held:
-                lost = await self._store.renew(list(self._held.items()), self._lease)
-                for job_id in lost:
-                    if self._held.pop(job_id, None) is not None:
+                claims = list(self._held.items())
+                lost = await self._store.renew(claims, self._lease)
+                for job_id, token in claims:
+                    if job_id in lost and self._held.get(job_id) == token:
+                        del self._held[job_id]
                         logger.warning(
                             "durable job %s: its lease expired before it was renewed; "
                             "another worker may run it too",
