@@ -131,3 +131,41 @@ async def test_shutdown_error_carries_report() -> None:
     assert error.cancelled == (job,)
     assert error.dropped == ()
     assert error.statistics is stats
+
+
+DURABLE_NAMES = {
+    "TaskRegistry",
+    "open_sqlite_queue",
+    "DurableQueue",
+    "DurableStatistics",
+    "DeadLetter",
+    "SchemaVersionError",
+}
+
+
+def test_the_durable_module_exports_its_names_documented_as_its_own() -> None:
+    from trio_background import durable
+
+    assert set(durable.__all__) == DURABLE_NAMES
+    for name in DURABLE_NAMES:
+        obj = getattr(durable, name)
+        assert obj.__module__ == "trio_background.durable", name
+        assert (obj.__doc__ or "").strip(), name
+        if inspect.isclass(obj):
+            for attr_name, attr in vars(obj).items():
+                if not attr_name.startswith("_") and inspect.isfunction(attr):
+                    assert (attr.__doc__ or "").strip(), f"{name}.{attr_name}"
+    assert issubclass(durable.SchemaVersionError, Exception)
+    assert durable.SchemaVersionError.__name__.endswith("Error")
+
+
+def test_durable_statistics_and_dead_letters_are_frozen() -> None:
+    import attrs
+
+    from trio_background.durable import DeadLetter, DurableStatistics
+
+    stats = DurableStatistics(1, 2, 3, 4, 5, 6)
+    letter = DeadLetter("1", "t", [], 1, "e")
+    for obj, field in ((stats, "pending"), (letter, "error")):
+        with pytest.raises(attrs.exceptions.FrozenInstanceError):
+            setattr(obj, field, None)
