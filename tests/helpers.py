@@ -34,6 +34,18 @@ from trio_background import (
 #: The name of the runtime's logger.
 LOGGER = "trio_background"
 
+#: Every status a job can have, in the contract's order.
+STATUSES = (
+    "scheduled",
+    "queued",
+    "running",
+    "completed",
+    "failed",
+    "timed_out",
+    "cancelled",
+    "dropped",
+)
+
 #: The per-job counters of `BackgroundStatistics`, in the contract's order.
 COUNT_FIELDS = (
     "queued",
@@ -244,19 +256,7 @@ class Tracker:
         self.move(job, ("queued", "scheduled"), "dropped")
 
     def statuses(self) -> dict[str, int]:
-        result = dict.fromkeys(
-            (
-                "scheduled",
-                "queued",
-                "running",
-                "completed",
-                "failed",
-                "timed_out",
-                "cancelled",
-                "dropped",
-            ),
-            0,
-        )
+        result = dict.fromkeys(STATUSES, 0)
         for _, status in self.state.values():
             result[status] += 1
         return result

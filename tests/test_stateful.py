@@ -140,7 +140,7 @@ import attrs
 import pytest
 import trio
 import trio.testing
-from helpers import LONG, PROFILE
+from helpers import LONG, PROFILE, STATUSES
 from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -184,17 +184,6 @@ WAITING: Result = ("waiting",)
 NONE: frozenset[Result] = frozenset({("none",)})
 HEADS = ("timed out", "cut short")
 
-#: Every status a job can have.
-STATUSES = (
-    "scheduled",
-    "queued",
-    "running",
-    "completed",
-    "failed",
-    "timed_out",
-    "cancelled",
-    "dropped",
-)
 FINAL = frozenset(STATUSES[3:])
 #: What ``await job.wait()`` gives for a job that ended in each final status.
 WAIT_OUTCOME = {
