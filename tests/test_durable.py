@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import sqlite3
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -38,6 +39,9 @@ from trio_background.durable import (
     _open_queue,
     open_sqlite_queue,
 )
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
 
 tasks = TaskRegistry()
 runs: list[tuple[str, Any, int, str | None]] = []  # (task, argument, attempt, request id)
@@ -440,3 +444,187 @@ async def test_a_claim_taken_again_by_the_same_worker_keeps_its_renewals(
             await until(lambda: _is(queue, job_id, "completed"))
             nursery.cancel_scope.cancel()
         assert (await queue.statistics()).retried == 1
+
+
+# -- found by review: what must never crash, strand or loop ---------------------------------
+
+
+@tasks.task(name="cancels_itself", retry=Retry(attempts=3, backoff=0))
+async def cancels_itself() -> None:
+    ran("cancels_itself", None)
+    current_job().cancel()
+    await trio.sleep_forever()
+
+
+@tasks.task(name="interrupted", retry=Retry(attempts=5, backoff=0))
+async def interrupted(n: int) -> None:
+    await trio.sleep(0.05)
+    if n == 0:
+        raise KeyboardInterrupt  # what Ctrl-C does when it lands in the job's code
+
+
+def spoil(path: Path, job_id: str, sql: str) -> None:
+    db = sqlite3.connect(path)
+    db.execute(sql, (int(job_id),))
+    db.commit()
+    db.close()
+
+
+async def test_stored_jobs_nobody_can_run_go_dead_and_the_worker_carries_on(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "q.db"
+    async with queue_at(path) as queue:
+        deep = await queue.enqueue(record, "deep")
+        bytes_ = await queue.enqueue(record, "bytes")
+        good = await queue.enqueue(record, "good")
+        spoil(path, deep, "UPDATE jobs SET payload = '" + "[" * 100_000 + "' WHERE id = ?")
+        spoil(path, bytes_, "UPDATE jobs SET payload = x'ff00ff' WHERE id = ?")
+        await served(queue, CONFIG, lambda s: s.completed + s.dead == 3)
+        letters = {d.job_id: d for d in await queue.dead_letters()}
+        assert set(letters) == {deep, bytes_}
+        assert "RecursionError" in (letters[deep].error or "")
+        assert letters[deep].args is None
+        assert letters[bytes_].args is None
+        assert await queue.status(good) == "completed"
+
+
+async def test_enqueue_refuses_deep_nesting_and_unencodable_ids(tmp_path: Path) -> None:
+    class Key(str):
+        pass
+
+    async with queue_at(tmp_path / "q.db") as queue:
+        deep: list[Any] = []
+        for _ in range(5000):
+            deep = [deep]
+        with pytest.raises(TypeError, match="nested too deeply"):
+            await queue.enqueue(record, deep)
+        with pytest.raises(ValueError, match="request_id must be text that UTF-8 can encode"):
+            await queue.enqueue(record, 1, request_id="\udc80")
+        with pytest.raises(ValueError, match="dedupe_key"):
+            await queue.enqueue(record, 1, dedupe_key="\udc80")
+        assert await queue.statistics() == stats()
+        await queue.enqueue(record, {Key("k"): 1})  # a str subclass is a str, as a key too
+        assert await queue.statistics() == stats(pending=1)
+
+
+def test_only_async_functions_can_be_tasks() -> None:
+    registry = TaskRegistry()
+
+    class Job:
+        async def __call__(self) -> None: ...
+
+    def blocking() -> None: ...
+
+    for fn in (blocking, lambda: None, type("Klass", (), {}), print):
+        with pytest.raises(TypeError, match="async function"):
+            registry.task(name=f"t{id(fn)}")(fn)  # type: ignore[type-var]
+    job = Job()
+    assert registry.task(name="callable")(job) is job
+
+
+async def test_a_job_cancelled_through_its_handle_goes_dead_once(tmp_path: Path) -> None:
+    async with queue_at(tmp_path / "q.db") as queue:
+        job_id = await queue.enqueue(cancels_itself)
+        await served(queue, CONFIG, lambda s: s.dead == 1)
+        (letter,) = await queue.dead_letters()
+        assert (letter.job_id, letter.attempts, letter.error) == (
+            job_id,
+            1,
+            "cancelled through its handle",
+        )
+    assert len(runs) == 1
+
+
+async def test_ctrl_c_in_a_job_gives_it_back_with_its_attempt(tmp_path: Path) -> None:
+    async with queue_at(tmp_path / "q.db") as queue:
+        hit = await queue.enqueue(interrupted, 0)
+        other = await queue.enqueue(interrupted, 1)
+        with pytest.raises(KeyboardInterrupt):
+            async with open_background_runtime(CONFIG) as runtime, trio.open_nursery() as nursery:
+                await nursery.start(queue.serve, runtime)
+                await trio.sleep(5)
+        assert await queue.status(hit) == "pending"  # given back, not dead
+        assert await queue.status(other) in ("pending", "completed")  # cut off, or done
+        s = await queue.statistics()
+        assert (s.dead, s.running, s.retried) == (0, 0, 0)
+
+
+async def test_an_outcome_that_could_not_be_recorded_is_recorded_later(
+    tmp_path: Path,
+) -> None:
+    # The store fails once: the recorder's error tears the queue down (the application
+    # sees it), and the outcome it could not write is written as the queue closes.
+    path = tmp_path / "q.db"
+    failures: list[object] = []
+    job_ids: list[str] = []
+    with pytest.raises(BaseExceptionGroup) as info:  # (from the queue's own nursery)
+        async with queue_at(path) as queue:
+            real = queue._store.record
+
+            async def failing_once(outcomes: Any) -> list[bool]:
+                if not failures:
+                    failures.append(outcomes)
+                    raise sqlite3.OperationalError("database or disk is full")
+                return await real(outcomes)
+
+            queue._store.record = failing_once  # type: ignore[method-assign]
+            job_ids.append(await queue.enqueue(record_task, 1))
+            await served(queue, CONFIG, lambda s: s.completed == 1)
+    assert "database or disk is full" in repr(info.value)
+    assert failures
+    async with queue_at(path) as queue:
+        assert await queue.status(job_ids[0]) == "completed"
+        assert await queue.statistics() == stats(completed=1)
+
+
+record_task = record
+
+
+async def test_a_serve_that_outlives_its_queue_stops_and_gives_its_claims_back(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "q.db"
+    async with open_background_runtime(CONFIG) as runtime, trio.open_nursery() as nursery:
+        async with queue_at(path) as queue:
+            for _ in range(20):
+                await queue.enqueue(sleeper, 0.2)
+            await nursery.start(queue.serve, runtime)
+            await until(lambda: _running(queue))
+        # The queue closed while serve() and its jobs went on: serve() has stopped, its
+        # claims were given back, and nothing went dead.
+        await runtime.wait_idle()
+    async with queue_at(path) as queue:
+        s = await queue.statistics()
+        assert (s.dead, s.running) == (0, 0)
+        assert s.pending + s.completed == 20
+
+
+async def _running(queue: DurableQueue) -> bool:
+    return (await queue.statistics()).running > 0
+
+
+async def test_two_serves_into_one_runtime_claim_within_its_room(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    config = BackgroundTaskConfig(max_concurrent_tasks=1, max_queue_size=1, drain_timeout=60)
+    async with queue_at(path) as first, queue_at(path) as second:
+        for _ in range(12):
+            await first.enqueue(sleeper, 0.05)
+        most = 0
+        async with open_background_runtime(config) as runtime, trio.open_nursery() as nursery:
+            await nursery.start(first.serve, runtime)
+            await nursery.start(second.serve, runtime)
+            while (s := await first.statistics()).completed < 12:
+                most = max(most, s.running)
+                await trio.sleep(0.005)
+            nursery.cancel_scope.cancel()
+        assert most <= 2  # the slot and the queue place
+
+
+async def test_a_runtime_timeout_is_named_in_the_dead_letter(tmp_path: Path) -> None:
+    async with queue_at(tmp_path / "q.db") as queue:
+        await queue.enqueue(sleeper, 5.0)
+        config = BackgroundTaskConfig(job_timeout=0.2, drain_timeout=60)
+        await served(queue, config, lambda s: s.dead == 1)
+        (letter,) = await queue.dead_letters()
+        assert letter.error == "timed out after 0.2 seconds"

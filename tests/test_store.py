@@ -358,3 +358,55 @@ async def test_sqlite_runs_in_wal_mode_with_full_sync(tmp_path: Path) -> None:
         assert store.db.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
     finally:
         await store.aclose()
+
+
+def test_sqlite_leaves_a_file_it_refuses_exactly_as_it_was(tmp_path: Path) -> None:
+    import sqlite3
+
+    newer = tmp_path / "newer.db"
+    db = sqlite3.connect(newer)
+    db.execute("CREATE TABLE jobs (x)")
+    db.execute("PRAGMA user_version = 99")
+    db.commit()
+    db.close()
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not a database at all\n" * 100)
+    for path, message in ((newer, "schema version 99"), (garbage, "not a trio_background queue")):
+        before = path.read_bytes()
+        with pytest.raises(SchemaVersionError, match=message):
+            SQLiteStore(str(path))
+        assert path.read_bytes() == before  # (not even switched to WAL)
+
+
+async def test_job_ids_name_exactly_one_job(store: Store, clock: Clock) -> None:
+    job_id = await store.enqueue(job(at=clock.now), None)
+    assert job_id == "1"
+    for other in ("01", "+1", " 1", "1 ", "\uff11", "1" * 40, "-1", "", "1.0"):
+        assert await store.status(other) is None, other
+        assert not await store.requeue(other), other
+    assert await store.status(job_id) == "pending"
+
+
+async def test_what_another_client_wrote_is_read_without_raising(
+    store: Store, clock: Clock, tmp_path: Path
+) -> None:
+    import sqlite3
+
+    job_id = await store.enqueue(job(at=clock.now), None)
+    db = sqlite3.connect(tmp_path / "queue.db")
+    db.execute(
+        "UPDATE jobs SET payload = x'ff00', request_id = x'ff', task = x'fe' WHERE id = ?",
+        (int(job_id),),
+    )
+    db.commit()
+    db.close()
+    (claim,) = await claim_one(store)
+    assert (claim.task, claim.request_id) == ("", None)
+    assert claim.payload.startswith("\x00")  # no JSON array: the queue dead-letters it
+    await store.record([Outcome(job_id, claim.token, "dead", "unreadable")])
+    (dead,) = await store.dead_jobs()
+    assert (dead.task, dead.error) == ("", "unreadable")
+
+
+async def claim_one(store: Store) -> list[Claim]:
+    return await claim(store, limit=1)

@@ -180,12 +180,15 @@ def test_help_lists_every_option_and_the_exit_statuses() -> None:
         (["durable_tasks:tasks", "--sqlite", "q.db", "--lease", "0"], "--lease must be"),
         (["durable_tasks:tasks", "--sqlite", "q.db", "--drain-timeout", "-1"], "--drain-timeout"),
         (["durable_tasks:tasks", "--sqlite", "foreign.db"], "not a trio_background queue"),
+        (["durable_tasks:tasks", "--sqlite", "garbage.db"], "not a trio_background queue"),
+        (["durable_tasks:tasks", "--sqlite", "missing/q.db"], "cannot serve missing/q.db"),
     ],
 )
 def test_bad_usage_exits_2_with_a_message(tmp_path: Path, args: list[str], message: str) -> None:
     foreign = sqlite3.connect(tmp_path / "foreign.db")
     foreign.execute("CREATE TABLE t (x)")
     foreign.close()
+    (tmp_path / "garbage.db").write_bytes(b"not a database\n" * 100)
     proc = subprocess.run(
         [sys.executable, "-m", "trio_background.worker", *args],
         capture_output=True,
@@ -219,6 +222,25 @@ async def test_sigterm_drains_then_exits_0(tmp_path: Path, workers: list[Worker]
     assert stats.completed + stats.pending == 40
     assert f"{stats.completed} completed" in summary
     assert len(run_lines(tmp_path)) == stats.completed  # every run that began, recorded
+
+
+async def test_later_signals_during_the_drain_are_ignored(
+    tmp_path: Path, workers: list[Worker]
+) -> None:
+    path = tmp_path / "q.db"
+    async with open_sqlite_queue(path, durable_tasks.tasks) as queue:
+        await queue.enqueue(durable_tasks.nap, "long", 1.0)
+    worker = Worker(tmp_path, path, "--drain-timeout", "10")
+    workers.append(worker)
+    await wait_for(path, lambda s: s.running == 1, 20)
+    worker.proc.send_signal(signal.SIGTERM)
+    await trio.sleep(0.2)  # (draining now: the job has most of its second to go)
+    worker.proc.send_signal(signal.SIGINT)
+    worker.proc.send_signal(signal.SIGTERM)
+    status, out, err = worker.stop(signal.SIGTERM)
+    assert status == 0, err
+    assert out.splitlines()[-1].startswith("stopped (drained): 1 completed")
+    assert "Traceback" not in err
 
 
 async def test_a_drain_cut_short_gives_jobs_back_and_exits_1(

@@ -129,6 +129,7 @@ class Runtime:
         "instruments",
         "jobs_nursery",
         "outer_scope",
+        "reserved",
         "retried",
         "shutdown",
         "thread",
@@ -149,6 +150,8 @@ class Runtime:
         self.dropped = 0
         #: Retries: runs that failed and were scheduled to run again.
         self.retried = 0
+        #: Room (queue places and slots) that durable queues reserved for claims under way.
+        self.reserved = 0
         #: The thread that entered the block; set on entry.
         self.thread: int | None = None
         self.jobs_nursery: trio.Nursery | None = None

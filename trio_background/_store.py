@@ -219,9 +219,12 @@ class SQLiteStore(Store):
 
     def _setup(self) -> None:
         db = self.db
-        db.execute("PRAGMA journal_mode = WAL")
-        db.execute("PRAGMA synchronous = FULL")
-        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.DatabaseError as exc:  # (not a database at all, say)
+            raise SchemaVersionError(
+                f"{self.path} is not a trio_background queue ({exc}): use another file"
+            ) from None
         try:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             tables = {
@@ -247,6 +250,10 @@ class SQLiteStore(Store):
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        # Only once the file is known to be a queue of this schema (a refused file is
+        # left exactly as it was).
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = FULL")
 
     def _transaction(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         with self.lock:
@@ -330,7 +337,8 @@ class SQLiteStore(Store):
             if limit <= 0:
                 return []
             rows = db.execute(
-                "SELECT id, task, payload, request_id, attempts FROM jobs "
+                "SELECT id, CAST(task AS BLOB), CAST(payload AS BLOB), "
+                "CAST(request_id AS BLOB), attempts FROM jobs "
                 "WHERE state = 'waiting' AND not_before <= ? ORDER BY not_before, id LIMIT ?",
                 (now, limit),
             ).fetchall()
@@ -343,7 +351,16 @@ class SQLiteStore(Store):
                     "lease_until = ?, worker = ? WHERE id = ?",
                     (used + 1, token, until, worker, job_id),
                 )
-                claims.append(Claim(str(job_id), task, payload, request_id, used + 1, token))
+                claims.append(
+                    Claim(
+                        str(job_id),
+                        _text(task) or "",
+                        _text(payload) or UNREADABLE,
+                        _text(request_id),
+                        used + 1,
+                        token,
+                    )
+                )
             return claims
 
         return self._transaction(run)  # type: ignore[no-any-return]
@@ -435,9 +452,8 @@ class SQLiteStore(Store):
         return self._transaction(run)  # type: ignore[no-any-return]
 
     def status_sync(self, job_id: str) -> str | None:
-        try:
-            key = int(job_id)
-        except ValueError:
+        key = _row_id(job_id)
+        if key is None:
             return None
 
         def run(db: sqlite3.Connection) -> str | None:
@@ -454,17 +470,25 @@ class SQLiteStore(Store):
     def dead_jobs_sync(self) -> list[DeadJob]:
         def run(db: sqlite3.Connection) -> list[DeadJob]:
             rows = db.execute(
-                "SELECT id, task, payload, attempts, error FROM jobs WHERE state = 'dead' "
-                "ORDER BY finished_at, id"
+                "SELECT id, CAST(task AS BLOB), CAST(payload AS BLOB), attempts, "
+                "CAST(error AS BLOB) FROM jobs WHERE state = 'dead' ORDER BY finished_at, id"
             ).fetchall()
-            return [DeadJob(str(row[0]), *row[1:]) for row in rows]
+            return [
+                DeadJob(
+                    str(job_id),
+                    _text(task) or "",
+                    _text(payload) or UNREADABLE,
+                    attempts,
+                    _text(error),
+                )
+                for job_id, task, payload, attempts, error in rows
+            ]
 
         return self._transaction(run)  # type: ignore[no-any-return]
 
     def requeue_sync(self, job_id: str) -> bool:
-        try:
-            key = int(job_id)
-        except ValueError:
+        key = _row_id(job_id)
+        if key is None:
             return False
 
         def run(db: sqlite3.Connection) -> bool:
@@ -542,19 +566,46 @@ class SQLiteStore(Store):
             self.db.close()
 
 
+#: What a claim carries instead of a payload that is not text (it does not decode).
+UNREADABLE: Final = "\x00 (the stored payload is not UTF-8 text)"
+
+
+def _text(value: bytes | str | None) -> str | None:
+    """Stored text, read as bytes (a row written by something else may hold anything)."""
+    if value is None or isinstance(value, str):
+        return value
+    try:
+        return bytes(value).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _row_id(job_id: str) -> int | None:
+    """The row of a job id (the decimal form of a positive int64, exactly), or None."""
+    if not (job_id.isascii() and job_id.isdigit()) or job_id.startswith("0") or len(job_id) > 19:
+        return None
+    key = int(job_id)
+    return key if key < 2**63 else None
+
+
 def encode(args: Iterable[object]) -> str:
     """The JSON text of ``args``; `TypeError` unless every one comes back equal from it."""
     args = list(args)
     try:
         text = json.dumps(args, allow_nan=False, separators=(",", ":"))
+        back = json.loads(text)
+        same = [_same(arg, again) for arg, again in zip(args, back, strict=True)]
+    except RecursionError:
+        raise TypeError(
+            "durable job arguments are nested too deeply to store: flatten them"
+        ) from None
     except (TypeError, ValueError) as exc:
         raise TypeError(
             f"durable job arguments must be JSON values (str, int, float, bool, None, and "
             f"lists and str-keyed dicts of them): {exc}"
         ) from None
-    back = json.loads(text)
     for n, (arg, again) in enumerate(zip(args, back, strict=True)):
-        if not _same(arg, again):
+        if not same[n]:
             raise TypeError(
                 f"argument {n + 1} ({arg!r}) would not come back equal from JSON "
                 f"(it would be {again!r}): pass lists instead of tuples and str keys in "
@@ -570,7 +621,7 @@ def _same(a: object, b: object) -> bool:
     if isinstance(a, dict):
         return (
             isinstance(b, dict)
-            and all(type(k) is str for k in a)
+            and all(isinstance(k, str) for k in a)
             and a.keys() == b.keys()
             and all(_same(a[k], b[k]) for k in a)
         )

@@ -27,6 +27,7 @@ side effects must be idempotent. See the "Durable jobs" page of the docs::
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import math
@@ -43,7 +44,7 @@ import trio
 
 from ._config import Retry, check_timeout
 from ._exceptions import RuntimeClosedError
-from ._job import COMPLETED, FAILED, TIMED_OUT, make_job
+from ._job import CANCELLED, COMPLETED, DROPPED, FAILED, TIMED_OUT, make_job
 from ._runtime import BackgroundRuntime
 from ._shutdown import Phase
 from ._store import (
@@ -82,6 +83,16 @@ _ONE_RUN: Final = Retry(attempts=1)
 
 #: Seconds between two looks at the store for new work, when another process may add it.
 POLL_INTERVAL: Final = 0.05
+
+
+def _room(inner: Runtime) -> int:
+    """How many more jobs ``inner`` can take without one waiting beyond its free places.
+
+    Free queue places and free slots, less what serve() calls reserved for claims.
+    """
+    admission = inner.admission
+    free_slots = max(0, admission.max_concurrent_tasks - admission.limiter.borrowed_tokens)
+    return (admission.max_queue_size - admission.taken) + free_slots - inner.reserved
 
 
 @attrs.frozen
@@ -160,8 +171,15 @@ class TaskRegistry:
         check_timeout("timeout", timeout, allow_none=True, allow_zero=False)
 
         def register(fn: F) -> F:
-            if not callable(fn):
-                raise TypeError(f"a task must be an async function, not {type(fn).__name__}")
+            if not (
+                inspect.iscoroutinefunction(fn)
+                or inspect.iscoroutinefunction(getattr(fn, "__call__", None))  # noqa: B004
+            ):
+                raise TypeError(
+                    f"a task must be an async function (async def), not {fn!r}: to run a "
+                    f"blocking function, register an async one that calls "
+                    f"trio.to_thread.run_sync"
+                )
             task_name = name
             if task_name is None:
                 task_name = f"{fn.__module__}.{fn.__qualname__}"
@@ -301,6 +319,8 @@ class DurableQueue:
         self._to_record = trio.Event()
         self._recorded = trio.Event()  # set after each batch: a job ended, room may be free
         self._enqueued = trio.Event()  # set by enqueue: work for a serve() of this process
+        self._claiming = 0  # claims under way (close() waits for them)
+        self._claimed = trio.Event()  # set (and replaced) as each claim returns
         self._writing = 0  # batches of outcomes being written now
         self._written = trio.Event()  # set (and replaced) after each batch is written
         self._closed = False  # no more enqueue() or serve()
@@ -352,6 +372,9 @@ class DurableQueue:
             raise TypeError(f"request_id must be a str or None, not {type(request_id).__name__}")
         if dedupe_key is not None and not isinstance(dedupe_key, str):
             raise TypeError(f"dedupe_key must be a str or None, not {type(dedupe_key).__name__}")
+        for field, text in (("request_id", request_id), ("dedupe_key", dedupe_key)):
+            if text is not None and not _is_utf8(text):
+                raise ValueError(f"{field} must be text that UTF-8 can encode (no lone surrogates)")
         payload = encode(args)
         if self._closed:
             raise RuntimeClosedError("durable queue is closed")
@@ -396,31 +419,58 @@ class DurableQueue:
             raise RuntimeClosedError("durable queue is closed")
         self._start_recording()
         task_status.started()
-        admission = inner.admission
-        while inner.shutdown.phase is Phase.OPEN:
-            room = (admission.max_queue_size - admission.taken) + max(
-                0, admission.max_concurrent_tasks - admission.limiter.borrowed_tokens
-            )
+        while inner.shutdown.phase is Phase.OPEN and not self._closed:
+            room = _room(inner)
             if room <= 0:
                 with trio.move_on_after(POLL_INTERVAL):
                     await self._recorded.wait()
                 self._recorded = trio.Event()
                 continue
             self._enqueued = trio.Event()
-            claims = await self._store.claim(self._worker, room, self._lease, self._attempts_of)
-            if not claims:
-                with trio.move_on_after(POLL_INTERVAL):
-                    await self._enqueued.wait()
-                continue
-            if not await self._submit(inner, claims):
-                return
+            # The room is reserved from the claim until each claimed job is in the runtime
+            # (another serve() into it sees the room taken); what was claimed beyond the
+            # room left once the claim is back (jobs spawned meanwhile took some) is given
+            # back at once.
+            reserved = [room]
+            inner.reserved += room
+            self._claiming += 1
+            try:
+                try:
+                    claims = await self._store.claim(
+                        self._worker, room, self._lease, self._attempts_of
+                    )
+                finally:
+                    self._claiming -= 1
+                    self._claimed.set()
+                    self._claimed = trio.Event()
+                inner.reserved -= room - len(claims)
+                reserved[0] = len(claims)
+                if not claims:
+                    with trio.move_on_after(POLL_INTERVAL):
+                        await self._enqueued.wait()
+                    continue
+                keep = 0 if self._closed else max(0, _room(inner) + reserved[0])
+                if keep < len(claims):
+                    for claim in claims[keep:]:
+                        self._outcomes.append(Outcome(claim.job_id, claim.token, "release"))
+                    self._to_record.set()
+                    inner.reserved -= len(claims) - keep
+                    reserved[0] = keep
+                    del claims[keep:]
+                if claims and not await self._submit(inner, claims, reserved):
+                    return
+            finally:
+                inner.reserved -= reserved[0]
 
     def _attempts_of(self, name: str) -> int:
         task = self._registry.get(name)
         return 1 if task is None else task.attempts
 
-    async def _submit(self, inner: Runtime, claims: list[Claim]) -> bool:
-        """Send each claimed job to the runtime; False if the runtime closed meanwhile."""
+    async def _submit(self, inner: Runtime, claims: list[Claim], reserved: list[int]) -> bool:
+        """Send each claimed job to the runtime; False if the runtime closed meanwhile.
+
+        Each job sent (or dead-lettered) gives up its part of the room ``reserved``.
+        """
         for claim in claims:
             self._held[claim.job_id] = claim.token
         sent = 0
@@ -430,6 +480,8 @@ class DurableQueue:
                 if job is not None:
                     await inner.admission.send(job)
                 sent += 1
+                inner.reserved -= 1
+                reserved[0] -= 1
         except RuntimeClosedError:
             return False
         finally:
@@ -451,21 +503,25 @@ class DurableQueue:
             args = json.loads(claim.payload)
             if not isinstance(args, list):
                 raise ValueError(f"expected a JSON array, got {type(args).__name__}")
-        except ValueError as exc:
-            self._dead(claim, f"payload could not be decoded: {exc}")
+        except Exception as exc:  # (a ValueError, or a RecursionError for deep nesting)
+            self._dead(claim, f"payload could not be decoded: {type(exc).__name__}: {exc}")
             return None
-        job = make_job(
-            inner,
-            "send",
-            task.fn,
-            tuple(args),
-            task.name,
-            claim.request_id,
-            task.timeout,
-            None,
-            _ONE_RUN,
-            None,
-        )
+        try:
+            job = make_job(
+                inner,
+                "send",
+                task.fn,
+                tuple(args),
+                task.name,
+                claim.request_id,
+                task.timeout,
+                None,
+                _ONE_RUN,
+                None,
+            )
+        except Exception as exc:  # the stored job cannot be made a job: it never will be
+            self._dead(claim, f"cannot run: {type(exc).__name__}: {exc}")
+            return None
         assert job._sched is not None
         job._sched.attempt = claim.attempt
         job._value = _Watch(self, job, claim, task)
@@ -489,15 +545,17 @@ class DurableQueue:
         """
         if self._gone:
             return  # (its claim was given back when the queue closed)
+        cut_off = job._runtime.shutdown.phase is Phase.CUT_OFF
         job_state = job._state
+        error: BaseException | None = job._value[0] if job_state is FAILED else None
         if job_state is COMPLETED:
             outcome = Outcome(claim.job_id, claim.token, "complete")
-        elif job_state is FAILED or job_state is TIMED_OUT:
+        elif (job_state is FAILED and isinstance(error, Exception)) or job_state is TIMED_OUT:
             if job_state is TIMED_OUT:
-                error: BaseException = trio.TooSlowError()
-                text = f"timed out after {task.timeout or 0:g} seconds"
+                error = trio.TooSlowError()
+                text = f"timed out after {job._timeout or 0:g} seconds"
             else:
-                error = job._value[0]
+                assert error is not None
                 text = "".join(traceback.format_exception_only(type(error), error)).strip()
             retry = task.retry
             if retry is not None and claim.attempt < retry.attempts and isinstance(error, retry.on):
@@ -507,7 +565,12 @@ class DurableQueue:
                 job._sched.retry_elsewhere = (delay, retry.attempts)  # (logged as a retry)
             else:
                 outcome = Outcome(claim.job_id, claim.token, "dead", text)
-        else:  # cancelled or dropped by the runtime: another worker may run it
+        elif (job_state is CANCELLED or job_state is DROPPED) and not cut_off:
+            # Cancelled through its handle (current_job().cancel(), say): on purpose.
+            outcome = Outcome(claim.job_id, claim.token, "dead", "cancelled through its handle")
+        else:
+            # Cut off by the runtime's shutdown, or ended by KeyboardInterrupt/SystemExit
+            # (the process is going down): not the job's fault; another worker runs it.
             outcome = Outcome(claim.job_id, claim.token, "release")
         self._outcomes.append(outcome)
         self._to_record.set()
@@ -534,6 +597,11 @@ class DurableQueue:
             try:
                 with trio.CancelScope(shield=True):
                     held = await self._store.record(batch)
+            except BaseException:
+                # Not recorded: kept, for the next flush (or, if the process goes down,
+                # for the leases to run out and another worker to run the jobs again).
+                self._outcomes.extendleft(reversed(batch))
+                raise
             finally:
                 self._writing -= 1
                 self._written.set()
@@ -572,6 +640,10 @@ class DurableQueue:
 
     async def _close(self) -> None:
         self._closed = True
+        # A serve() that outlives the queue stops at its next step; a claim it has under
+        # way is given back as soon as it returns: wait for that.
+        while self._claiming:
+            await self._claimed.wait()
         await self._flush()
         # Jobs still running in a runtime of this process (one that outlives the queue):
         # give them back; whatever they do from now on is not recorded.
@@ -622,7 +694,9 @@ class DurableQueue:
         for dead in await self._store.dead_jobs():
             try:
                 args = json.loads(dead.payload)
-            except ValueError:
+            except Exception:  # (ValueError; RecursionError for a deeply nested one)
+                args = None
+            if not isinstance(args, list):
                 args = None
             letters.append(DeadLetter(dead.job_id, dead.task, args, dead.attempts, dead.error))
         return letters
@@ -715,6 +789,14 @@ async def _open_queue(
     finally:
         with trio.CancelScope(shield=True):
             await store.aclose()
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _fixup_module_metadata() -> None:

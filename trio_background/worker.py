@@ -19,16 +19,17 @@ import argparse
 import importlib
 import os
 import signal
+import sqlite3
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import trio
 
 from . import BackgroundShutdownError, BackgroundStatistics, BackgroundTaskConfig
 from . import open_background_runtime as _open_runtime
 from ._store import SchemaVersionError
-from .durable import TaskRegistry, open_sqlite_queue
+from .durable import DurableQueue, TaskRegistry, open_sqlite_queue
 
 USAGE_ERROR = 2
 CUT_OFF = 1
@@ -123,32 +124,53 @@ async def _serve(args: argparse.Namespace, registry: TaskRegistry) -> int:
         drain_timeout=args.drain_timeout,
     )
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with open_sqlite_queue(args.sqlite, registry, lease=args.lease) as queue:
-            try:
-                async with _open_runtime(config) as runtime, trio.open_nursery() as nursery:
-                    await nursery.start(queue.serve, runtime)
-                    print(
-                        f"ready: serving {args.sqlite} (pid {os.getpid()}, "
-                        f"concurrency {args.concurrency})",
-                        flush=True,
-                    )
-                    async for _ in signals:
-                        break
-                    # Stop claiming; leaving the block drains. Further signals are
-                    # ignored (the drain lasts --drain-timeout at most).
-                    nursery.cancel_scope.cancel()
-            except BackgroundShutdownError as report:
-                print(_summary(report.statistics, "drain cut short"), flush=True)
-                for what, jobs in (
-                    ("cut off while running", report.cancelled),
-                    ("given back unstarted", report.dropped),
-                ):
-                    for name, count in Counter(job.name for job in jobs).items():
-                        print(f"  {what}: {name}" + (f" x{count}" if count > 1 else ""))
-                sys.stdout.flush()
-                return CUT_OFF
-        print(_summary(runtime.statistics(), "drained"), flush=True)
-        return 0
+        async with (
+            open_sqlite_queue(args.sqlite, registry, lease=args.lease) as queue,
+            trio.open_nursery() as ignoring,
+        ):
+            status = await _serve_until_signalled(args, queue, config, signals, ignoring)
+            ignoring.cancel_scope.cancel()
+        return status
+
+
+async def _serve_until_signalled(
+    args: argparse.Namespace,
+    queue: DurableQueue,
+    config: BackgroundTaskConfig,
+    signals: AsyncIterator[int],
+    ignoring: trio.Nursery,
+) -> int:
+    """Serve until the first signal, then drain; later signals are taken and dropped."""
+
+    async def ignore_signals() -> None:
+        async for _ in signals:
+            pass
+
+    try:
+        async with _open_runtime(config) as runtime, trio.open_nursery() as nursery:
+            await nursery.start(queue.serve, runtime)
+            print(
+                f"ready: serving {args.sqlite} (pid {os.getpid()}, concurrency {args.concurrency})",
+                flush=True,
+            )
+            async for _ in signals:
+                break
+            # Stop claiming; leaving the block drains. Further signals are
+            # ignored (the drain lasts --drain-timeout at most).
+            ignoring.start_soon(ignore_signals)
+            nursery.cancel_scope.cancel()
+    except BackgroundShutdownError as report:
+        print(_summary(report.statistics, "drain cut short"), flush=True)
+        for what, jobs in (
+            ("cut off while running", report.cancelled),
+            ("given back unstarted", report.dropped),
+        ):
+            for name, count in Counter(job.name for job in jobs).items():
+                print(f"  {what}: {name}" + (f" x{count}" if count > 1 else ""))
+        sys.stdout.flush()
+        return CUT_OFF
+    print(_summary(runtime.statistics(), "drained"), flush=True)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -166,8 +188,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     registry = _load(parser, args.registry)
     try:
         return trio.run(_serve, args, registry)
-    except SchemaVersionError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+    except (SchemaVersionError, sqlite3.Error, OSError) as exc:
+        # (Raised opening the queue: a file that is not a queue, a path that cannot be
+        # opened.)
+        print(f"{parser.prog}: error: cannot serve {args.sqlite}: {exc}", file=sys.stderr)
         return USAGE_ERROR
 
 
