@@ -760,3 +760,38 @@ def test_a_spawn_that_finds_a_job_due_and_its_hook_interrupts_accepts_nothing() 
         trio.run(main, clock=clock)
     stats = seen["stats"]
     assert (stats.accepted, stats.queued, stats.scheduled, stats.dropped) == (2, 0, 0, 1)
+
+
+async def test_a_cancelled_send_that_held_others_up_lets_the_next_one_in(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # No queue places: a delayed job cannot be accepted, and its waiting send() holds up
+    # the one behind it (senders are accepted in the order they began to wait), even with
+    # the slot free. Once that send is cancelled, the next one starts at once.
+    cfg = config(max_concurrent_tasks=1, max_queue_size=0)
+    async with open_background_runtime(cfg) as runtime:
+        handle = runtime.handle()
+        running = handle.spawn(trio.sleep, 100, name="running")
+        sent: list[BackgroundJob[None]] = []
+
+        async def send(**options: Any) -> None:
+            sent.append(await handle.send(trio.sleep, 1, **options))
+
+        delayed = trio.CancelScope()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(_cancelled_by, delayed, send, delay=0.5))
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(partial(send, name="next"))
+            await trio.testing.wait_all_tasks_blocked()
+            running.cancel()  # the slot is free; "next" still waits behind the delayed one
+            await trio.testing.wait_all_tasks_blocked()
+            assert sent == []
+            delayed.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            assert [job.metadata.name for job in sent] == ["next"]
+            assert sent[0].status == "running"
+
+
+async def _cancelled_by(scope: trio.CancelScope, send: Any, **options: Any) -> None:
+    with scope:
+        await send(**options)

@@ -372,6 +372,21 @@ class Admission:
         elif due < scope.deadline:
             scope.deadline = due
 
+    def refill_soon(self) -> None:
+        """Have the timer task refill at once, in a step of its own (from an abort, say)."""
+        if self.runtime.shutdown.phase is not Phase.OPEN:
+            return  # (waiting senders are refused from now on)
+        scope = self.timer_scope
+        if scope is None:
+            assert self.nursery is not None
+            self.timer_scope = trio.CancelScope(deadline=-math.inf)
+            contextvars.Context().run(
+                functools.partial(self.nursery.start_soon, name=_TIMER_TASK_NAME),
+                self.run_timers,
+            )
+        else:
+            scope.deadline = -math.inf
+
     def next_due(self) -> float:
         timers = self.timers
         while timers and timers[0][2].job is None:
@@ -565,7 +580,10 @@ class Admission:
         waiters[task] = job
 
         def abort_fn(_: object) -> trio.lowlevel.Abort:
+            first = next(iter(waiters)) is task
             del waiters[task]
+            if first and waiters:  # it held up the senders behind it: one may fit now
+                self.refill_soon()
             return trio.lowlevel.Abort.SUCCEEDED
 
         await trio.lowlevel.wait_task_rescheduled(abort_fn)

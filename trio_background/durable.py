@@ -644,7 +644,7 @@ class DurableQueue:
         # way is given back as soon as it returns: wait for that.
         while self._claiming:
             await self._claimed.wait()
-        await self._flush()
+        await self._settle()  # (also what the recorder is writing now: its claims stay held)
         # Jobs still running in a runtime of this process (one that outlives the queue):
         # give them back; whatever they do from now on is not recorded.
         claims = list(self._held.items())
