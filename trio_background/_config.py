@@ -53,6 +53,18 @@ def check_timeout(field: str, value: object, *, allow_none: bool, allow_zero: bo
         raise ValueError(f"{field} must be {bound}, got {value!r}")
 
 
+def check_finite_seconds(field: str, value: object, *, allow_none: bool, allow_zero: bool) -> None:
+    """`check_timeout`, where `math.inf` is refused too (a delay, a lease: not a limit).
+
+    Raises:
+        TypeError: As for `check_timeout`.
+        ValueError: As for `check_timeout`, or ``value`` is infinite.
+    """
+    check_timeout(field, value, allow_none=allow_none, allow_zero=allow_zero)
+    if value == math.inf:
+        raise ValueError(f"{field} must be finite, got inf")
+
+
 def _queue_size(_: Any, attribute: attrs.Attribute[int], value: int) -> None:
     check_int(attribute.name, value, 0)
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar, final
 import trio
 from trio.lowlevel import disable_ki_protection
 
-from ._config import BackgroundJobMetadata, Retry, check_timeout
+from ._config import BackgroundJobMetadata, Retry, check_finite_seconds, check_timeout
 from ._exceptions import JobCancelledError, JobTimeoutError
 
 if sys.version_info < (3, 11):  # pragma: no cover
@@ -423,11 +423,8 @@ def make_job(
     default_retry = config.retry
     if delay is None and retry is None and key is None and default_retry is None:
         return BackgroundJob(runtime, fn, args, name, request_id, timeout)
-    if delay is not None:
-        check_timeout("delay", delay, allow_none=True, allow_zero=True)
-        assert isinstance(delay, (int, float))
-        if delay == math.inf:
-            raise ValueError("delay must be finite, got inf")
+    check_finite_seconds("delay", delay, allow_none=True, allow_zero=True)
+    assert delay is None or isinstance(delay, (int, float))
     if retry is not None and not isinstance(retry, Retry):
         raise TypeError(f"retry must be a Retry or None, not {type(retry).__name__}")
     if key is not None and not isinstance(key, str):

@@ -283,7 +283,7 @@ class Runtime:
         again = ""
         if sched is not None and sched.retry_elsewhere is not None:
             delay, attempts = sched.retry_elsewhere
-            again = f" on attempt {sched.attempt} of {attempts}; retrying in {delay:.3g} seconds"
+            again = _retrying(sched.attempt, attempts, delay)
         if outcome == FAILED and fatal is None:
             assert failure is not None
             if again:
@@ -327,7 +327,7 @@ class Runtime:
         )
         self.log_warning(
             meta,
-            f"{what} on attempt {run} of {sched.retry.attempts}; retrying in {delay:.3g} seconds",
+            what + _retrying(run, sched.retry.attempts, delay),
             None if isinstance(reason, trio.TooSlowError) else reason,
         )
         self.report_events(events)
@@ -901,6 +901,11 @@ async def _open(runtime: Runtime) -> AsyncIterator[BackgroundRuntime]:
         _leave(pending, fatal)
     finally:
         del pending
+
+
+def _retrying(attempt: int, attempts: int, delay: float) -> str:
+    """What a log record about a failed run adds when the job runs again."""
+    return f" on attempt {attempt} of {attempts}; retrying in {delay:.3g} seconds"
 
 
 def _leave(pending: BaseException | None, fatal: list[BaseException]) -> None:

@@ -30,7 +30,6 @@ import contextlib
 import inspect
 import json
 import logging
-import math
 import os
 import random
 import socket
@@ -42,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar, overload
 import attrs
 import trio
 
-from ._config import Retry, check_timeout
+from ._config import Retry, check_finite_seconds, check_timeout
 from ._exceptions import RuntimeClosedError
 from ._job import CANCELLED, COMPLETED, DROPPED, FAILED, TIMED_OUT, make_job
 from ._runtime import BackgroundRuntime
@@ -365,9 +364,7 @@ class DurableQueue:
                 f"{fn!r} is not a registered task: decorate it with @registry.task, "
                 f"using the TaskRegistry this queue was opened with"
             )
-        check_timeout("delay", delay, allow_none=True, allow_zero=True)
-        if delay is not None and delay == math.inf:
-            raise ValueError("delay must be finite, got inf")
+        check_finite_seconds("delay", delay, allow_none=True, allow_zero=True)
         if request_id is not None and not isinstance(request_id, str):
             raise TypeError(f"request_id must be a str or None, not {type(request_id).__name__}")
         if dedupe_key is not None and not isinstance(dedupe_key, str):
@@ -744,9 +741,7 @@ async def open_sqlite_queue(
     Raises:
         SchemaVersionError: The file holds another version's schema, or something else.
     """
-    check_timeout("lease", lease, allow_none=False, allow_zero=False)
-    if lease == math.inf:
-        raise ValueError("lease must be finite, got inf")
+    check_finite_seconds("lease", lease, allow_none=False, allow_zero=False)
     check_timeout("keep_completed", keep_completed, allow_none=False, allow_zero=True)
     if max_pending is not None:
         if not isinstance(max_pending, int) or isinstance(max_pending, bool):
