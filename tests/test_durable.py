@@ -12,7 +12,7 @@ import logging
 import math
 import sqlite3
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,25 @@ def _fresh_runs() -> None:
     runs.clear()
 
 
+# Each test runs on each store: ``queue_at(path)`` opens the queue in the SQLite file
+# ``path``, or in Redis under a stream named after it (the same path, the same queue).
+_backend: dict[str, Any] = {}
+
+
+@pytest.fixture(autouse=True, params=["sqlite", "redis"])
+def backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    if request.param == "redis":
+        if request.node.get_closest_marker("sqlite_only"):
+            pytest.skip("written for the SQLite store (it edits the file)")
+        pytest.importorskip("coredis")
+        _backend["url"] = request.getfixturevalue("redis_server").url
+    _backend["kind"] = request.param
+    try:
+        yield request.param
+    finally:
+        _backend.clear()
+
+
 @asynccontextmanager
 async def queue_at(
     path: Path,
@@ -99,6 +118,15 @@ async def queue_at(
     max_pending: int | None = None,
     keep_completed: float = 86400.0,
 ) -> AsyncIterator[DurableQueue]:
+    if _backend["kind"] == "redis":
+        from trio_background._redis_store import open_redis_store
+
+        async with (
+            open_redis_store(_backend["url"], stream=str(path), group="workers") as redis,
+            _open_queue(redis, tasks, lease, max_pending, keep_completed) as queue,
+        ):
+            yield queue
+        return
     store = SQLiteStore(str(path))
     async with _open_queue(store, tasks, lease, max_pending, keep_completed) as queue:
         yield queue
@@ -317,12 +345,9 @@ async def test_poison_payloads_go_dead_and_the_worker_carries_on(tmp_path: Path)
         unknown = await queue.enqueue(record, "renamed task")
         not_a_list = await queue.enqueue(record, "not a list")
         good = await queue.enqueue(record, "fine")
-        db = sqlite3.connect(path)
-        db.execute("UPDATE jobs SET payload = '[1, 2' WHERE id = ?", (int(bad_json),))
-        db.execute("UPDATE jobs SET task = 'gone.task' WHERE id = ?", (int(unknown),))
-        db.execute("UPDATE jobs SET payload = '{}' WHERE id = ?", (int(not_a_list),))
-        db.commit()
-        db.close()
+        await spoil(path, bad_json, payload="[1, 2")
+        await spoil(path, unknown, task="gone.task")
+        await spoil(path, not_a_list, payload="{}")
         await served(queue, CONFIG, lambda s: s.completed + s.dead == 4)
         assert await queue.statistics() == stats(completed=1, dead=3)
         letters = {d.job_id: d for d in await queue.dead_letters()}
@@ -370,6 +395,7 @@ async def _is(queue: DurableQueue, job_id: str, status: str) -> bool:
     return await queue.status(job_id) == status
 
 
+@pytest.mark.sqlite_only
 async def test_open_sqlite_queue_checks_its_arguments_and_the_schema(tmp_path: Path) -> None:
     for kwargs, error in (
         ({"lease": 0}, ValueError),
@@ -436,10 +462,7 @@ async def test_a_claim_taken_again_by_the_same_worker_keeps_its_renewals(
                 while 1 not in gates:  # noqa: ASYNC110 (set by the job)
                     await trio.sleep(0.01)
                 while 2 not in gates:  # the lease runs out, as in a stall; claimed again
-                    db = sqlite3.connect(path)
-                    db.execute("UPDATE jobs SET lease_until = 0 WHERE id = ?", (int(job_id),))
-                    db.commit()
-                    db.close()
+                    await expire_lease(path, job_id)
                     await trio.sleep(0.1)
             gates[1].set()  # the first run ends: its outcome is ignored
             await trio.sleep(3.5)  # three leases and more: the second run stays claimed
@@ -468,9 +491,33 @@ async def interrupted(n: int) -> None:
         raise KeyboardInterrupt  # what Ctrl-C does when it lands in the job's code
 
 
-def spoil(path: Path, job_id: str, sql: str) -> None:
+async def spoil(path: Path, job_id: str, **fields: str | bytes) -> None:
+    """Overwrite fields of a stored job, as another client (or a bug) might."""
+    if _backend["kind"] == "redis":
+        import coredis
+
+        async with coredis.Redis.from_url(_backend["url"]) as client:
+            await client.hset(f"{path}:job:{job_id}", fields)
+        return
     db = sqlite3.connect(path)
-    db.execute(sql, (int(job_id),))
+    for name, value in fields.items():
+        db.execute(f"UPDATE jobs SET {name} = ? WHERE id = ?", (value, int(job_id)))
+    db.commit()
+    db.close()
+
+
+async def expire_lease(path: Path, job_id: str) -> None:
+    """End a claimed job's lease now, as if its worker had stalled past it."""
+    if _backend["kind"] == "redis":
+        import coredis
+
+        async with coredis.Redis.from_url(_backend["url"]) as client:
+            await client.zadd(
+                f"{path}:leases", {f"{int(job_id):016d}": 0}, condition=coredis.PureToken.XX
+            )
+        return
+    db = sqlite3.connect(path)
+    db.execute("UPDATE jobs SET lease_until = 0 WHERE id = ?", (int(job_id),))
     db.commit()
     db.close()
 
@@ -483,8 +530,8 @@ async def test_stored_jobs_nobody_can_run_go_dead_and_the_worker_carries_on(
         deep = await queue.enqueue(record, "deep")
         bytes_ = await queue.enqueue(record, "bytes")
         good = await queue.enqueue(record, "good")
-        spoil(path, deep, "UPDATE jobs SET payload = '" + "[" * 100_000 + "' WHERE id = ?")
-        spoil(path, bytes_, "UPDATE jobs SET payload = x'ff00ff' WHERE id = ?")
+        await spoil(path, deep, payload="[" * 100_000)
+        await spoil(path, bytes_, payload=b"\xff\x00\xff")
         await served(queue, CONFIG, lambda s: s.completed + s.dead == 3)
         letters = {d.job_id: d for d in await queue.dead_letters()}
         assert set(letters) == {deep, bytes_}

@@ -11,9 +11,10 @@ import json
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+from redis_server import RedisServer
 
 from trio_background import QueueFullError
 from trio_background._store import (
@@ -25,6 +26,9 @@ from trio_background._store import (
     SQLiteStore,
     Store,
 )
+
+if TYPE_CHECKING:
+    from trio_background._redis_store import RedisStore
 
 LEASE = 10.0
 
@@ -44,10 +48,19 @@ def clock() -> Clock:
     return Clock()
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "redis"])
 async def store(
     request: pytest.FixtureRequest, tmp_path: Path, clock: Clock
 ) -> AsyncIterator[Store]:
+    if request.param == "redis":
+        pytest.importorskip("coredis")
+        from trio_background._redis_store import open_redis_store
+
+        server = request.getfixturevalue("redis_server")
+        stream = request.getfixturevalue("redis_stream")
+        async with open_redis_store(server.url, stream=stream, group="g", clock=clock) as redis:
+            yield redis
+        return
     opened: Store = SQLiteStore(str(tmp_path / "queue.db"), clock=clock)
     try:
         yield opened
@@ -388,18 +401,27 @@ async def test_job_ids_name_exactly_one_job(store: Store, clock: Clock) -> None:
 
 
 async def test_what_another_client_wrote_is_read_without_raising(
-    store: Store, clock: Clock, tmp_path: Path
+    clock: Clock, tmp_path: Path
 ) -> None:
     import sqlite3
 
-    job_id = await store.enqueue(job(at=clock.now), None)
-    db = sqlite3.connect(tmp_path / "queue.db")
-    db.execute(
-        "UPDATE jobs SET payload = x'ff00', request_id = x'ff', task = x'fe' WHERE id = ?",
-        (int(job_id),),
-    )
-    db.commit()
-    db.close()
+    store = SQLiteStore(str(tmp_path / "queue.db"), clock=clock)
+    try:
+        job_id = await store.enqueue(job(at=clock.now), None)
+        db = sqlite3.connect(tmp_path / "queue.db")
+        db.execute(
+            "UPDATE jobs SET payload = x'ff00', request_id = x'ff', task = x'fe' WHERE id = ?",
+            (int(job_id),),
+        )
+        db.commit()
+        db.close()
+        await read_back_garbage(store, job_id)
+    finally:
+        await store.aclose()
+
+
+async def read_back_garbage(store: Store, job_id: str) -> None:
+    """The job's task, payload and request id were overwritten with bytes that are not text."""
     (claim,) = await claim_one(store)
     assert (claim.task, claim.request_id) == ("", None)
     assert claim.payload.startswith("\x00")  # no JSON array: the queue dead-letters it
@@ -410,3 +432,27 @@ async def test_what_another_client_wrote_is_read_without_raising(
 
 async def claim_one(store: Store) -> list[Claim]:
     return await claim(store, limit=1)
+
+
+# -- Redis only -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def redis_store(
+    redis_server: RedisServer, redis_stream: str, clock: Clock
+) -> AsyncIterator[RedisStore]:
+    pytest.importorskip("coredis")
+    from trio_background._redis_store import open_redis_store
+
+    async with open_redis_store(redis_server.url, stream=redis_stream, group="g", clock=clock) as s:
+        yield s
+
+
+async def test_redis_reads_what_another_client_wrote_without_raising(
+    redis_store: RedisStore, clock: Clock
+) -> None:
+    job_id = await redis_store.enqueue(job(at=clock.now), None)
+    key = f"{redis_store.stream}:job:{job_id}"
+    garbage = {"payload": b"\xff\x00", "request_id": b"\xff", "task": b"\xfe"}
+    await redis_store._client.hset(key, garbage)
+    await read_back_garbage(redis_store, job_id)

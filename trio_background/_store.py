@@ -22,11 +22,14 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import attrs
 
 from ._exceptions import QueueFullError
+
+if TYPE_CHECKING:
+    import trio
 
 #: The schema this code reads and writes (``PRAGMA user_version``).
 SCHEMA_VERSION: Final = 1
@@ -38,6 +41,9 @@ LOST: Final = "worker lost (lease expired)"
 Verdict = Literal["complete", "retry", "dead", "release"]
 
 UNFINISHED: Final = ("waiting", "running")
+
+#: Seconds between two looks at the store for new work, when another process may add it.
+POLL_INTERVAL: Final = 0.05
 
 
 class SchemaVersionError(RuntimeError):
@@ -166,6 +172,18 @@ class Store(ABC):
     @abstractmethod
     async def aclose(self) -> None:
         """Release the store's connections."""
+
+    async def idle(self, enqueued: trio.Event) -> None:
+        """Wait a little after a claim found nothing: until ``enqueued`` is set, or a poll.
+
+        ``enqueued`` is set by this process's enqueues; jobs another process adds are
+        seen at the next poll (`POLL_INTERVAL`). A store that can be told of new work
+        (Redis) waits for that instead.
+        """
+        import trio
+
+        with trio.move_on_after(POLL_INTERVAL):
+            await enqueued.wait()
 
 
 _SCHEMA = """

@@ -80,7 +80,7 @@ logger = logging.getLogger("trio_background")
 #: Each durable run is one run in the runtime: retries are the queue's, durable.
 _ONE_RUN: Final = Retry(attempts=1)
 
-#: Seconds between two looks at the store for new work, when another process may add it.
+#: Seconds between two looks at whether the runtime has room again.
 POLL_INTERVAL: Final = 0.05
 
 
@@ -288,8 +288,10 @@ class _Watch:
 
 
 class DurableQueue:
-    """A queue of durable jobs in a store. Made by `open_sqlite_queue`.
+    """A queue of durable jobs in a store.
 
+    Made by `open_sqlite_queue` (processes on one machine) or
+    `trio_background.redis.open_redis_queue` (workers on any number of machines).
     Enqueue from any task of the Trio run that opened it; serve it into a runtime
     with `serve`. Several processes may serve one store at once.
     """
@@ -443,8 +445,7 @@ class DurableQueue:
                 inner.reserved -= room - len(claims)
                 reserved[0] = len(claims)
                 if not claims:
-                    with trio.move_on_after(POLL_INTERVAL):
-                        await self._enqueued.wait()
+                    await self._store.idle(self._enqueued)
                     continue
                 keep = 0 if self._closed else max(0, _room(inner) + reserved[0])
                 if keep < len(claims):
@@ -741,6 +742,16 @@ async def open_sqlite_queue(
     Raises:
         SchemaVersionError: The file holds another version's schema, or something else.
     """
+    _check_options(registry, lease, max_pending, keep_completed)
+    store = await trio.to_thread.run_sync(SQLiteStore, os.fspath(path))
+    async with _open_queue(store, registry, lease, max_pending, keep_completed) as queue:
+        yield queue
+
+
+def _check_options(
+    registry: TaskRegistry, lease: float, max_pending: int | None, keep_completed: float
+) -> None:
+    """Check the options every durable queue takes (`TypeError`/`ValueError` naming them)."""
     check_finite_seconds("lease", lease, allow_none=False, allow_zero=False)
     check_timeout("keep_completed", keep_completed, allow_none=False, allow_zero=True)
     if max_pending is not None:
@@ -750,9 +761,6 @@ async def open_sqlite_queue(
             raise ValueError(f"max_pending must be >= 1 or None, got {max_pending}")
     if not isinstance(registry, TaskRegistry):
         raise TypeError(f"registry must be a TaskRegistry, not {type(registry).__name__}")
-    store = await trio.to_thread.run_sync(SQLiteStore, os.fspath(path))
-    async with _open_queue(store, registry, lease, max_pending, keep_completed) as queue:
-        yield queue
 
 
 @contextlib.asynccontextmanager
@@ -762,8 +770,12 @@ async def _open_queue(
     lease: float,
     max_pending: int | None,
     keep_completed: float,
+    worker: str | None = None,
 ) -> AsyncIterator[DurableQueue]:
-    """A `DurableQueue` on an open ``store``, which it closes on the way out."""
+    """A `DurableQueue` on an open ``store``, which it closes on the way out.
+
+    ``worker`` names this process to the store (default: host, PID and the queue's id).
+    """
     try:
         async with trio.open_nursery() as nursery:
             queue = DurableQueue(
@@ -774,6 +786,8 @@ async def _open_queue(
                 keep_completed=float(keep_completed),
                 nursery=nursery,
             )
+            if worker is not None:
+                queue._worker = worker
             nursery.start_soon(queue._purge)
             try:
                 yield queue

@@ -1,14 +1,16 @@
 """The durable-queue worker: ``python -m trio_background.worker MODULE:REGISTRY --sqlite PATH``.
 
 It imports ``MODULE``, takes its `~trio_background.durable.TaskRegistry` named
-``REGISTRY``, and serves the queue in the SQLite file ``PATH`` through a runtime of its
-own until SIGINT or SIGTERM. Then it stops claiming, drains (running jobs finish, their
-outcomes are recorded; whatever the drain deadline cuts off is given back to the queue
-for another worker) and prints the runtime's shutdown report.
+``REGISTRY``, and serves the queue in the SQLite file ``PATH`` (or, given ``--redis URL``
+instead, in that Redis server) through a runtime of its own until SIGINT or SIGTERM.
+Then it stops claiming, drains (running jobs finish, their outcomes are recorded;
+whatever the drain deadline cuts off is given back to the queue for another worker) and
+prints the runtime's shutdown report.
 
 Exit status: 0 after a clean drain, 1 if the drain deadline cut jobs off (they were
 given back to the queue, not lost), 2 on bad usage (a bad option, a module or registry
-that cannot be found, a file that is not a queue).
+that cannot be found, a file or keys that are not a queue, a server that cannot be
+reached).
 
 .. versionadded:: 2.0
 """
@@ -16,6 +18,7 @@ that cannot be found, a file that is not a queue).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import signal
@@ -23,6 +26,9 @@ import sqlite3
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
 
 import trio
 
@@ -52,11 +58,37 @@ def _parser() -> argparse.ArgumentParser:
         metavar="MODULE:REGISTRY",
         help="the module to import and the name of its TaskRegistry, e.g. myapp.jobs:tasks",
     )
-    parser.add_argument(
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument(
         "--sqlite",
         metavar="PATH",
-        required=True,
         help="the queue's SQLite file (created if missing); every worker of the queue opens it",
+    )
+    where.add_argument(
+        "--redis",
+        metavar="URL",
+        help=(
+            "the Redis server of the queue, e.g. redis://:password@host:6379/0 "
+            "(rediss:// for TLS); needs the redis extra"
+        ),
+    )
+    parser.add_argument(
+        "--stream",
+        metavar="S",
+        default="trio_background",
+        help="with --redis: the queue's stream (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--group",
+        metavar="G",
+        default="workers",
+        help="with --redis: the consumer group the workers share (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--consumer",
+        metavar="C",
+        default=None,
+        help="with --redis: this worker's name in the group (default: host:pid:number)",
     )
     parser.add_argument(
         "--concurrency",
@@ -124,10 +156,21 @@ async def _serve(args: argparse.Namespace, registry: TaskRegistry) -> int:
         drain_timeout=args.drain_timeout,
     )
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with (
-            open_sqlite_queue(args.sqlite, registry, lease=args.lease) as queue,
-            trio.open_nursery() as ignoring,
-        ):
+        opened: contextlib.AbstractAsyncContextManager[DurableQueue]
+        if args.redis is not None:
+            from .redis import open_redis_queue
+
+            opened = open_redis_queue(
+                args.redis,
+                registry,
+                stream=args.stream,
+                group=args.group,
+                consumer=args.consumer,
+                lease=args.lease,
+            )
+        else:
+            opened = open_sqlite_queue(args.sqlite, registry, lease=args.lease)
+        async with opened as queue, trio.open_nursery() as ignoring:
             status = await _serve_until_signalled(args, queue, config, signals, ignoring)
             ignoring.cancel_scope.cancel()
         return status
@@ -150,7 +193,8 @@ async def _serve_until_signalled(
         async with _open_runtime(config) as runtime, trio.open_nursery() as nursery:
             await nursery.start(queue.serve, runtime)
             print(
-                f"ready: serving {args.sqlite} (pid {os.getpid()}, concurrency {args.concurrency})",
+                f"ready: serving {_where(args)} (pid {os.getpid()}, "
+                f"concurrency {args.concurrency})",
                 flush=True,
             )
             async for _ in signals:
@@ -185,14 +229,59 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--drain-timeout must be >= 0")
     if not 0 < args.lease < float("inf"):
         parser.error("--lease must be a positive number of seconds")
+    if args.redis is None:
+        for option in ("stream", "group", "consumer"):
+            if getattr(args, option) != parser.get_default(option):
+                parser.error(f"--{option} goes with --redis")
+    else:
+        try:
+            import coredis  # noqa: F401
+        except ImportError:
+            parser.error("--redis needs coredis: pip install 'trio-background[redis]'")
+        for option in ("stream", "group", "consumer"):
+            if getattr(args, option) == "":
+                parser.error(f"--{option} must not be empty")
     registry = _load(parser, args.registry)
     try:
         return trio.run(_serve, args, registry)
-    except (SchemaVersionError, sqlite3.Error, OSError) as exc:
-        # (Raised opening the queue: a file that is not a queue, a path that cannot be
-        # opened.)
-        print(f"{parser.prog}: error: cannot serve {args.sqlite}: {exc}", file=sys.stderr)
+    except BaseException as exc:
+        # (Raised opening the queue: a file or keys that are not a queue, a path that
+        # cannot be opened, a server that cannot be reached or refuses the password.)
+        reason = _cannot_open(exc)
+        if reason is None:
+            raise
+        print(f"{parser.prog}: error: cannot serve {_where(args)}: {reason}", file=sys.stderr)
         return USAGE_ERROR
+
+
+def _where(args: argparse.Namespace) -> str:
+    if args.redis is None:
+        return str(args.sqlite)
+    return f"{_without_password(args.redis)} stream {args.stream}"
+
+
+def _without_password(url: str) -> str:
+    """The URL as it may be printed: any password replaced by ``***``."""
+    scheme, sep, rest = url.partition("://")
+    auth, at, host = rest.rpartition("@")
+    if not sep or not at:
+        return url
+    user, colon, _ = auth.partition(":")
+    return f"{scheme}://{user}{':***' if colon else ''}@{host}"
+
+
+def _cannot_open(exc: BaseException) -> BaseException | None:
+    """The error in ``exc`` that says the queue could not be opened (bad usage), or None.
+
+    Opening goes through task groups, so it may come inside exception groups.
+    """
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    if isinstance(exc, (SchemaVersionError, sqlite3.Error, OSError)):
+        return exc
+    if type(exc).__module__.startswith("coredis"):
+        return exc
+    return None
 
 
 if __name__ == "__main__":
