@@ -48,3 +48,10 @@ async def nap(tag: str, seconds: float) -> None:
     """Sleep ``seconds``, then log the run under ``tag``."""
     await trio.sleep(seconds)
     _log(f"nap {tag}")
+
+
+@tasks.task(name="tick", retry=Retry(attempts=20, backoff=0.01, jitter=False))
+async def tick(n: int, seconds: float) -> None:
+    """Sleep, then log job ``n``'s run (the log is the effect: one line per run)."""
+    await trio.sleep(seconds)
+    _log(f"tick {n}")

@@ -6,10 +6,12 @@ When ``redis-server`` is not installed the Redis tests are skipped, except under
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -37,10 +39,17 @@ def redis_server_or_skip() -> str:
 class RedisServer:
     """One redis-server process; ``url`` reaches it."""
 
-    def __init__(self, directory: Path, *extra: str, password: str | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *extra: str,
+        password: str | None = None,
+        tls_ca: Path | None = None,
+    ) -> None:
         self.directory = directory
         self.extra = list(extra)
         self.password = password
+        self.tls_ca = tls_ca  # (given: the server listens with TLS only, at ``port``)
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -79,7 +88,15 @@ class RedisServer:
                     f"{(self.directory / 'redis.log').read_text()[-2000:]}"
                 )
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                with contextlib.ExitStack() as closing:
+                    s = closing.enter_context(
+                        socket.create_connection(("127.0.0.1", self.port), timeout=1)
+                    )
+                    if self.tls_ca is not None:
+                        context = ssl.create_default_context(cafile=str(self.tls_ca))
+                        s = closing.enter_context(
+                            context.wrap_socket(s, server_hostname="127.0.0.1")
+                        )
                     if self.password:
                         s.sendall(f"AUTH {self.password}\r\n".encode())
                         s.recv(64)

@@ -51,16 +51,22 @@ def environment(tmp_path: Path) -> dict[str, str]:
 class Worker:
     """One worker process, started and waited for until it prints ``ready``."""
 
-    def __init__(self, tmp_path: Path, path: Path, *options: str) -> None:
+    def __init__(self, tmp_path: Path, path: Path, *options: str, redis: str | None = None) -> None:
+        command = worker_command(path, *options)
+        if redis is not None:  # (a Redis queue instead of the file)
+            command[command.index("--sqlite") : command.index("--sqlite") + 2] = [
+                "--redis",
+                redis,
+            ]
         self.proc = subprocess.Popen(
-            worker_command(path, *options),
+            command,
             cwd=tmp_path,
             env=environment(tmp_path),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
         self.output = b""
-        line = self.readline(20.0)
+        line = self.ready_line = self.readline(20.0)
         stderr = self.proc.stderr
         assert stderr is not None
         assert line.startswith(b"ready"), (line, stderr.read() if self.proc.poll() else b"")

@@ -1,0 +1,441 @@
+"""Workers on a Redis queue: the command line, drains, fencing, many workers under kill -9,
+and a Redis restart.
+
+Real processes and a real redis-server of the tests' own (127.0.0.1, a free port, stopped
+by PID); real time, and every wait has an explicit bound. Each test uses a stream of its
+own, so tests never see each other's jobs.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import durable_tasks
+import pytest
+import trio
+from redis_server import RedisServer
+from test_worker import ROOT, Worker, environment, run_lines
+
+from trio_background.durable import DurableQueue, DurableStatistics
+
+coredis = pytest.importorskip("coredis")
+
+from trio_background.redis import open_redis_queue  # noqa: E402
+
+
+class RedisWorker(Worker):
+    def __init__(self, tmp_path: Path, url: str, stream: str, *options: str) -> None:
+        super().__init__(tmp_path, Path(), "--stream", stream, *options, redis=url)
+
+
+@pytest.fixture
+def workers() -> Iterator[list[Worker]]:
+    """Every worker a test starts; any still alive at the end is killed by PID."""
+    started: list[Worker] = []
+    yield started
+    for worker in started:
+        if worker.proc.poll() is None:
+            worker.proc.send_signal(signal.SIGCONT)
+            worker.proc.kill()
+            worker.proc.wait(timeout=20)
+
+
+@asynccontextmanager
+async def queue(url: str, stream: str, **options: Any) -> AsyncIterator[DurableQueue]:
+    async with open_redis_queue(url, durable_tasks.tasks, stream=stream, **options) as q:
+        yield q
+
+
+async def statistics(url: str, stream: str) -> DurableStatistics:
+    async with queue(url, stream) as q:
+        return await q.statistics()
+
+
+async def wait_for(url: str, stream: str, predicate: Any, limit: float) -> DurableStatistics:
+    """Read the queue's statistics every 50 ms until ``predicate`` holds, ``limit`` s at most."""
+    with trio.fail_after(limit):
+        while True:
+            async with queue(url, stream) as q:
+                while True:
+                    stats = await q.statistics()
+                    if predicate(stats):
+                        return stats
+                    await trio.sleep(0.05)
+
+
+@asynccontextmanager
+async def raw(url: str) -> AsyncIterator[Any]:
+    async with coredis.Redis.from_url(url, decode_responses=True) as client:
+        yield client
+
+
+async def claimed_by(url: str, stream: str, pid: int) -> int:
+    """Jobs the worker with process id ``pid`` holds, by the store's own record."""
+    async with raw(url) as client:
+        members = await client.zrange(f"{stream}:leases", 0, -1)
+        held = 0
+        for m in members:
+            worker = await client.hget(f"{stream}:job:{int(m)}", "worker")
+            held += worker is not None and f":{pid}:" in worker
+        return held
+
+
+# -- the command line -----------------------------------------------------------------------
+
+
+def run_worker(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "trio_background.worker", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=environment(tmp_path),
+    )
+
+
+def test_help_lists_the_redis_options() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "trio_background.worker", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    for option in ("--redis", "--stream", "--group", "--consumer"):
+        assert option in proc.stdout
+
+
+async def test_bad_redis_usage_exits_2_with_a_message(
+    tmp_path: Path, redis_server: RedisServer, redis_stream: str
+) -> None:
+    async with raw(redis_server.url) as client:
+        await client.set(f"{redis_stream}-string", "not a queue")
+    cases = [
+        (["--sqlite", "q.db", "--redis", redis_server.url], "not allowed with argument"),
+        (["--sqlite", "q.db", "--stream", "s"], "--stream goes with --redis"),
+        (["--redis", redis_server.url, "--group", ""], "--group must not be empty"),
+        (["--redis", "redis://127.0.0.1:1/0"], "cannot serve redis://127.0.0.1:1/0"),
+        (
+            ["--redis", redis_server.url, "--stream", f"{redis_stream}-string"],
+            "not a trio_background queue",
+        ),
+    ]
+    for args, message in cases:
+        proc = run_worker(tmp_path, "durable_tasks:tasks", *args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert message in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+
+
+async def test_a_password_goes_in_the_url_and_is_never_printed(
+    tmp_path: Path, workers: list[Worker], redis_stream: str
+) -> None:
+    server = RedisServer(tmp_path / "redis", password="s3cret-pw").start()
+    try:
+        wrong = server.url.replace("s3cret-pw", "wrong-pw")
+        proc = run_worker(tmp_path, "durable_tasks:tasks", "--redis", wrong)
+        assert proc.returncode == 2
+        assert "cannot serve redis://:***@127.0.0.1" in proc.stderr
+        assert "wrong-pw" not in proc.stderr
+        async with queue(server.url, redis_stream) as q:
+            await q.enqueue(durable_tasks.nap, "pw", 0.0)
+        worker = RedisWorker(tmp_path, server.url, redis_stream)
+        workers.append(worker)
+        await wait_for(server.url, redis_stream, lambda s: s.completed == 1, 20)
+        status, out, err = worker.stop()
+        assert status == 0, err
+        assert "s3cret-pw" not in worker.ready_line.decode() + out + err
+        assert "redis://:***@127.0.0.1" in worker.ready_line.decode()
+    finally:
+        server.stop()
+
+
+async def test_tls_goes_through_the_url(tmp_path: Path, redis_stream: str) -> None:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    server = RedisServer(tmp_path / "redis", tls_ca=tmp_path / "ca.pem")
+    port = server.port
+    server.extra = [
+        *("--port", "0", "--tls-port", str(port), "--tls-auth-clients", "no"),
+        *("--tls-cert-file", str(tmp_path / "cert.pem")),
+        *("--tls-key-file", str(tmp_path / "key.pem")),
+        *("--tls-ca-cert-file", str(tmp_path / "ca.pem")),
+    ]
+    server.start()
+    try:
+        url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={tmp_path / 'ca.pem'}"
+        async with queue(url, redis_stream) as q:
+            job_id = await q.enqueue(durable_tasks.nap, "tls", 0.0)
+            assert await q.status(job_id) == "pending"
+    finally:
+        server.stop()
+
+
+# -- drains and fencing ---------------------------------------------------------------------
+
+
+async def test_sigterm_drains_then_exits_0(
+    tmp_path: Path, workers: list[Worker], redis_server: RedisServer, redis_stream: str
+) -> None:
+    url = redis_server.url
+    async with queue(url, redis_stream) as q:
+        for i in range(40):
+            await q.enqueue(durable_tasks.nap, str(i), 0.05)
+    worker = RedisWorker(tmp_path, url, redis_stream, "--concurrency", "4", "--queue-size", "4")
+    workers.append(worker)
+    await wait_for(url, redis_stream, lambda s: s.completed >= 8, 20)
+    status, out, err = worker.stop(signal.SIGTERM)
+    assert status == 0, err
+    summary = out.splitlines()[-1]
+    assert summary.startswith("stopped (drained):")
+    stats = await statistics(url, redis_stream)
+    assert stats.running == 0
+    assert stats.completed + stats.pending == 40
+    assert f"{stats.completed} completed" in summary
+    assert len(run_lines(tmp_path)) == stats.completed
+    async with raw(url) as client:  # it left the group, holding nothing
+        assert await client.xinfo_consumers(redis_stream, "workers") == ()
+
+
+async def test_a_drain_cut_short_gives_jobs_back_and_exits_1(
+    tmp_path: Path, workers: list[Worker], redis_server: RedisServer, redis_stream: str
+) -> None:
+    url = redis_server.url
+    async with queue(url, redis_stream) as q:
+        ids = [await q.enqueue(durable_tasks.nap, str(i), 30.0) for i in range(6)]
+    worker = RedisWorker(
+        tmp_path, url, redis_stream, "--concurrency", "2", "--queue-size", "2",
+        "--drain-timeout", "0.2",
+    )  # fmt: skip
+    workers.append(worker)
+    await wait_for(url, redis_stream, lambda s: s.running == 4, 20)
+    status, out, err = worker.stop(signal.SIGINT)
+    assert status == 1, err
+    lines = out.splitlines()
+    assert lines[-3].startswith("stopped (drain cut short): 0 completed")
+    assert lines[-2:] == ["  cut off while running: nap x2", "  given back unstarted: nap x2"]
+    assert await statistics(url, redis_stream) == DurableStatistics(6, 0, 0, 0, 0, 0)
+    async with queue(url, redis_stream) as q:
+        assert {await q.status(i) for i in ids} == {"pending"}
+
+
+async def test_a_stopped_workers_job_is_reclaimed_and_its_late_result_ignored(
+    tmp_path: Path, workers: list[Worker], redis_server: RedisServer, redis_stream: str
+) -> None:
+    url = redis_server.url
+    async with queue(url, redis_stream) as q:
+        job_id = await q.enqueue(durable_tasks.nap, "slow", 1.0)
+    first = RedisWorker(tmp_path, url, redis_stream, "--lease", "0.5")
+    workers.append(first)
+    await wait_for(url, redis_stream, lambda s: s.running == 1, 20)
+    first.proc.send_signal(signal.SIGSTOP)  # past its lease: a zombie
+    try:
+        second = RedisWorker(tmp_path, url, redis_stream, "--lease", "0.5")
+        workers.append(second)
+        stats = await wait_for(url, redis_stream, lambda s: s.completed == 1, 20)
+    finally:
+        first.proc.send_signal(signal.SIGCONT)
+    assert stats == DurableStatistics(0, 0, 0, 1, 0, 1)
+    with trio.fail_after(20):
+        while len(run_lines(tmp_path)) < 2:  # noqa: ASYNC110 (another process's file)
+            await trio.sleep(0.05)
+    status, _, err = first.stop()
+    assert status == 0
+    assert "its lease was lost" in err or "lease expired before it was renewed" in err
+    assert second.stop()[0] == 0
+    assert await statistics(url, redis_stream) == DurableStatistics(0, 0, 0, 1, 0, 1)
+    runs = run_lines(tmp_path)
+    assert sorted((int(pid), int(attempt)) for pid, _, _, attempt in runs) == sorted(
+        [(first.pid, 1), (second.pid, 2)]
+    )
+    async with queue(url, redis_stream) as q:
+        assert await q.status(job_id) == "completed"
+
+
+# -- many workers under kill -9, and a zombie -----------------------------------------------
+
+JOBS = 20_000
+HEAD_START = 10_000
+SECONDS = 0.08  # per job: four workers of 16 slots run about 800 a second
+WORKERS = 4
+KILLS = 10
+LEASE = 2.0
+
+
+# Jobs 1..N in the completed state, and the attempts they used, by the jobs' own records.
+TALLY = """
+local completed, attempts = 0, 0
+for i = 1, tonumber(ARGV[1]) do
+  local f = redis.call('HMGET', KEYS[1] .. ':job:' .. i, 'state', 'attempts')
+  if f[1] == 'completed' then completed = completed + 1 end
+  attempts = attempts + tonumber(f[2] or '0')
+end
+return {completed, attempts}
+"""
+
+
+async def enqueue_all(
+    url: str, stream: str, jobs: int, seconds: float, ids: list[str]
+) -> list[str]:
+    async with queue(url, stream) as q:
+
+        async def some(start: int) -> None:
+            for n in range(start, jobs, 8):
+                ids.append(await q.enqueue(durable_tasks.tick, n, seconds))
+
+        async with trio.open_nursery() as nursery:
+            for start in range(8):
+                nursery.start_soon(some, start)
+    return ids
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("round_", range(3))
+async def test_many_workers_under_kill_9_and_a_zombie_complete_every_job_once(
+    tmp_path: Path,
+    workers: list[Worker],
+    redis_server: RedisServer,
+    redis_stream: str,
+    round_: int,
+) -> None:
+    rng = random.Random(round_)
+    url = redis_server.url
+    began = time.monotonic()
+    options = ("--concurrency", "16", "--queue-size", "16", "--lease", str(LEASE),
+               "--drain-timeout", "1")  # fmt: skip
+    at_risk = kills = 0
+    async with trio.open_nursery() as nursery:
+        ids_box: list[list[str]] = []
+        acknowledged: list[str] = []
+
+        async def load() -> None:
+            ids_box.append(await enqueue_all(url, redis_stream, JOBS, SECONDS, acknowledged))
+
+        nursery.start_soon(load)
+        # A head start, so that the workers are busy (each holding up to 32 claims) from
+        # the first kill on; the rest is enqueued as they work.
+        with trio.fail_after(60):
+            while len(acknowledged) < HEAD_START:  # noqa: ASYNC110 (enqueues under way)
+                await trio.sleep(0.05)
+        alive = [RedisWorker(tmp_path, url, redis_stream, *options) for _ in range(WORKERS)]
+        workers.extend(alive)
+        zombie_at = rng.randrange(KILLS)
+        for k in range(KILLS):
+            await trio.sleep(rng.uniform(0.5, 1.0))
+            victim = rng.randrange(WORKERS)
+            proc = alive[victim].proc
+            # Frozen first, so that what it holds cannot change before it is counted.
+            proc.send_signal(signal.SIGSTOP)
+            held = await claimed_by(url, redis_stream, alive[victim].pid)
+            at_risk += held
+            if k == zombie_at:
+                # A zombie: stopped past its lease, then woken; whatever it finishes from
+                # then on must be refused (its claims were taken back).
+                await trio.sleep(LEASE + 1.0)
+                proc.send_signal(signal.SIGCONT)
+                continue
+            alive[victim].kill()
+            kills += 1
+            alive[victim] = RedisWorker(tmp_path, url, redis_stream, *options)
+            workers.append(alive[victim])
+        assert (await statistics(url, redis_stream)).completed < JOBS  # the last kill, too
+    (ids,) = ids_box
+    assert sorted(map(int, ids)) == list(range(1, JOBS + 1))  # decimal ids, one per job
+    stats = await wait_for(url, redis_stream, lambda s: s.completed == JOBS, 180)
+    for worker in alive:
+        assert worker.stop()[0] == 0
+    wall = time.monotonic() - began
+    final = await statistics(url, redis_stream)
+    assert final == DurableStatistics(0, 0, 0, JOBS, 0, stats.retried)
+    # The store's own record: every job completed, nothing held, nothing left pending in
+    # the consumer group, and retries add up to the attempts the jobs used.
+    async with raw(url) as client:
+        completed, attempts = await client.eval(TALLY, [redis_stream], [JOBS])
+        assert completed == JOBS
+        assert attempts - JOBS == final.retried
+        assert await client.zcard(f"{redis_stream}:done") == JOBS
+        assert await client.zcard(f"{redis_stream}:waiting") == 0
+        assert await client.zcard(f"{redis_stream}:leases") == 0
+        assert await client.xlen(f"{redis_stream}:dead") == 0
+        assert await client.xlen(redis_stream) == 0
+        pending = await client.xpending(redis_stream, "workers")
+        assert pending.pending == 0
+    runs = run_lines(tmp_path)
+    assert {int(n) for _, _, n, _ in runs} == set(range(JOBS))  # every job ran
+    duplicates = len(runs) - JOBS
+    assert 0 <= duplicates <= at_risk
+    figures = {
+        "store": "redis",
+        "round": round_,
+        "jobs": JOBS,
+        "workers": WORKERS,
+        "kills": kills,
+        "zombies": 1,
+        "claimed at kills and at the stop": at_risk,
+        "duplicate runs": duplicates,
+        "retried": final.retried,
+        "wall seconds": round(wall, 1),
+    }
+    report = os.environ.get("TB_CHAOS_REPORT")
+    if report:
+        with Path(report).open("a") as f:  # noqa: ASYNC230 (one line, after the test)
+            f.write(json.dumps(figures) + "\n")
+    assert kills == KILLS - 1
+
+
+# -- a Redis restart ------------------------------------------------------------------------
+
+
+# coredis leaves the memory streams of connections the server dropped for the garbage
+# collector, which warns about them.
+@pytest.mark.filterwarnings("ignore:Unclosed <MemoryObject:ResourceWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_a_redis_restart_with_aof_always_loses_no_acknowledged_enqueue(
+    tmp_path: Path, redis_stream: str
+) -> None:
+    server = RedisServer(tmp_path / "aof", "--appendonly", "yes", "--appendfsync", "always").start()
+    acknowledged: list[str] = []
+    try:
+        async with queue(server.url, redis_stream) as q:
+
+            async def enqueue_until_it_fails() -> None:
+                try:
+                    while True:
+                        acknowledged.append(await q.enqueue(durable_tasks.nap, "aof", 0.0))
+                except Exception:
+                    return  # (the server went down under it)
+
+            with trio.fail_after(30):
+                async with trio.open_nursery() as nursery:
+                    for _ in range(4):
+                        nursery.start_soon(enqueue_until_it_fails)
+                    while len(acknowledged) < 300:  # noqa: ASYNC110 (enqueues under way)
+                        await trio.sleep(0.01)
+                    server.kill()  # SIGKILL: no shutdown, no last write
+        assert len(acknowledged) >= 300
+        server.start()  # the same port and directory: it replays its append-only file
+        async with queue(server.url, redis_stream) as q:
+            for job_id in acknowledged:
+                assert await q.status(job_id) == "pending", job_id
+            stats = await q.statistics()
+            assert stats.pending >= len(acknowledged)
+            assert stats == DurableStatistics(stats.pending, 0, 0, 0, 0, 0)
+    finally:
+        server.stop()
+        gc.collect()  # (the dropped connections' warnings come now, under this test's filter)
