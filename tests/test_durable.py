@@ -680,3 +680,20 @@ async def test_a_runtime_timeout_is_named_in_the_dead_letter(tmp_path: Path) -> 
         await served(queue, config, lambda s: s.dead == 1)
         (letter,) = await queue.dead_letters()
         assert letter.error == "timed out after 0.2 seconds"
+
+
+async def test_an_error_in_the_block_leaves_it_as_it_was_raised(tmp_path: Path) -> None:
+    error = ValueError("from the block")
+    with pytest.raises(ValueError, match="from the block") as info:
+        async with queue_at(tmp_path / "q.db") as queue:
+            await queue.enqueue(record, 1)
+            raise error
+    assert info.value is error  # not inside the queue's (or the client's) exception groups
+    # A cancellation from outside leaves as a bare Cancelled, caught by its scope.
+    with trio.CancelScope() as scope:
+        async with queue_at(tmp_path / "q.db") as queue:
+            scope.cancel()
+            await trio.sleep_forever()
+    assert scope.cancelled_caught
+    async with queue_at(tmp_path / "q.db") as queue:
+        assert (await queue.statistics()).pending == 1

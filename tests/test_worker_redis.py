@@ -34,6 +34,14 @@ coredis = pytest.importorskip("coredis")
 from trio_background.redis import open_redis_queue  # noqa: E402
 
 
+# coredis leaves the memory streams of connections that failed, or that the server
+# dropped, to the garbage collector, which warns about them. Tests of those cases collect
+# the garbage before they end, so the warnings come under their filters.
+def dropped_connections(test: Any) -> Any:
+    test = pytest.mark.filterwarnings("ignore:Unclosed <MemoryObject:ResourceWarning")(test)
+    return pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")(test)
+
+
 class RedisWorker(Worker):
     def __init__(self, tmp_path: Path, url: str, stream: str, *options: str) -> None:
         super().__init__(tmp_path, Path(), "--stream", stream, *options, redis=url)
@@ -402,10 +410,7 @@ async def test_many_workers_under_kill_9_and_a_zombie_complete_every_job_once(
 # -- a Redis restart ------------------------------------------------------------------------
 
 
-# coredis leaves the memory streams of connections the server dropped for the garbage
-# collector, which warns about them.
-@pytest.mark.filterwarnings("ignore:Unclosed <MemoryObject:ResourceWarning")
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@dropped_connections
 async def test_a_redis_restart_with_aof_always_loses_no_acknowledged_enqueue(
     tmp_path: Path, redis_stream: str
 ) -> None:
@@ -439,3 +444,13 @@ async def test_a_redis_restart_with_aof_always_loses_no_acknowledged_enqueue(
     finally:
         server.stop()
         gc.collect()  # (the dropped connections' warnings come now, under this test's filter)
+
+
+@dropped_connections
+async def test_a_server_that_cannot_be_reached_raises_the_clients_own_error(
+    redis_stream: str,
+) -> None:
+    with pytest.raises(coredis.exceptions.ConnectionError):
+        async with queue("redis://127.0.0.1:1/0", redis_stream):
+            pass  # pragma: no cover
+    gc.collect()

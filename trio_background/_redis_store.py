@@ -572,23 +572,45 @@ async def open_redis_store(
 
     client: coredis.Redis[bytes] = coredis.Redis.from_url(url, decode_responses=False)
     blocking: coredis.Redis[bytes] = coredis.Redis.from_url(url, decode_responses=False)
+    # coredis's clients run task groups of their own: whatever happens inside (opening,
+    # or the block) is raised again outside them, as it was raised, not in their groups.
+    error: BaseException | None = None
     async with client, blocking:
-        setup = client.register_script(_SETUP)
-        t0 = time.time()
-        reply: Any = await setup(keys=[stream], args=[str(SCHEMA_VERSION), group])
-        t1 = time.time()
-        kind = _str(reply[0])
-        if kind == "not":
-            raise SchemaVersionError(
-                f"the Redis key {stream!r} (or its {stream}:* keys) holds something that is "
-                f"not a trio_background queue: pass another stream name"
-            )
-        if kind == "version":
-            raise SchemaVersionError(
-                f"the queue under {stream!r} has schema version {_str(reply[1])}; this "
-                f"version of trio_background reads schema version {SCHEMA_VERSION} only: "
-                f"use the version that created it, or another stream name"
-            )
-        server = int(reply[1]) + int(reply[2]) / 1e6
-        offset = server - (t0 + t1) / 2
-        yield RedisStore(client, blocking, stream, group, clock, offset)
+        try:
+            store = await _open(client, blocking, stream, group, clock)
+        except BaseException as exc:
+            error = exc
+        else:
+            try:
+                yield store
+            except BaseException as exc:
+                error = exc
+    if error is not None:
+        raise error
+
+
+async def _open(
+    client: coredis.Redis[bytes],
+    blocking: coredis.Redis[bytes],
+    stream: str,
+    group: str,
+    clock: Callable[[], float] | None,
+) -> RedisStore:
+    setup = client.register_script(_SETUP)
+    t0 = time.time()
+    reply: Any = await setup(keys=[stream], args=[str(SCHEMA_VERSION), group])
+    t1 = time.time()
+    kind = _str(reply[0])
+    if kind == "not":
+        raise SchemaVersionError(
+            f"the Redis key {stream!r} (or its {stream}:* keys) holds something that is "
+            f"not a trio_background queue: pass another stream name"
+        )
+    if kind == "version":
+        raise SchemaVersionError(
+            f"the queue under {stream!r} has schema version {_str(reply[1])}; this "
+            f"version of trio_background reads schema version {SCHEMA_VERSION} only: "
+            f"use the version that created it, or another stream name"
+        )
+    server = int(reply[1]) + int(reply[2]) / 1e6
+    return RedisStore(client, blocking, stream, group, clock, server - (t0 + t1) / 2)

@@ -33,6 +33,7 @@ import logging
 import os
 import random
 import socket
+import sys
 import traceback
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -55,6 +56,9 @@ from ._store import (
     Store,
     encode,
 )
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
 
 if TYPE_CHECKING:
     from typing_extensions import TypeVarTuple, Unpack
@@ -775,7 +779,10 @@ async def _open_queue(
     """A `DurableQueue` on an open ``store``, which it closes on the way out.
 
     ``worker`` names this process to the store (default: host, PID and the queue's id).
+    An exception from the block leaves it as it was raised, not inside the queue's own
+    nursery's exception group.
     """
+    body: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:
             queue = DurableQueue(
@@ -791,13 +798,21 @@ async def _open_queue(
             nursery.start_soon(queue._purge)
             try:
                 yield queue
+            except BaseException as exc:
+                body = exc  # (raised again below, once the nursery has closed)
             finally:
                 with trio.CancelScope(shield=True):
                     await queue._close()
                 nursery.cancel_scope.cancel()
+    except BaseException as exc:
+        if body is None:
+            raise
+        raise BaseExceptionGroup("errors in a durable queue", [body, exc]) from None
     finally:
         with trio.CancelScope(shield=True):
             await store.aclose()
+    if body is not None:
+        raise body
 
 
 def _is_utf8(text: str) -> bool:
