@@ -462,7 +462,7 @@ async def test_a_claim_taken_again_by_the_same_worker_keeps_its_renewals(
                 while 1 not in gates:  # noqa: ASYNC110 (set by the job)
                     await trio.sleep(0.01)
                 while 2 not in gates:  # the lease runs out, as in a stall; claimed again
-                    await expire_lease(path, job_id)
+                    await expire_lease(path, job_id, attempt=1)
                     await trio.sleep(0.1)
             gates[1].set()  # the first run ends: its outcome is ignored
             await trio.sleep(3.5)  # three leases and more: the second run stays claimed
@@ -506,18 +506,26 @@ async def spoil(path: Path, job_id: str, **fields: str | bytes) -> None:
     db.close()
 
 
-async def expire_lease(path: Path, job_id: str) -> None:
-    """End a claimed job's lease now, as if its worker had stalled past it."""
+async def expire_lease(path: Path, job_id: str, attempt: int) -> None:
+    """End the lease of a job's claim for run ``attempt`` now, as if its worker stalled.
+
+    Nothing changes if the job is not running that run (a later claim keeps its lease).
+    """
     if _backend["kind"] == "redis":
         import coredis
 
         async with coredis.Redis.from_url(_backend["url"]) as client:
-            await client.zadd(
-                f"{path}:leases", {f"{int(job_id):016d}": 0}, condition=coredis.PureToken.XX
+            await client.eval(
+                "if redis.call('HGET', KEYS[1], 'attempts') == ARGV[1] then "
+                "redis.call('ZADD', KEYS[2], 'XX', 0, ARGV[2]) end",
+                [f"{path}:job:{job_id}", f"{path}:leases"],
+                [str(attempt), f"{int(job_id):016d}"],
             )
         return
     db = sqlite3.connect(path)
-    db.execute("UPDATE jobs SET lease_until = 0 WHERE id = ?", (int(job_id),))
+    db.execute(
+        "UPDATE jobs SET lease_until = 0 WHERE id = ? AND attempts = ?", (int(job_id), attempt)
+    )
     db.commit()
     db.close()
 
@@ -697,3 +705,26 @@ async def test_an_error_in_the_block_leaves_it_as_it_was_raised(tmp_path: Path) 
     assert scope.cancelled_caught
     async with queue_at(tmp_path / "q.db") as queue:
         assert (await queue.statistics()).pending == 1
+
+
+async def test_a_renewal_racing_the_outcome_being_written_is_not_a_lost_lease(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The outcome is in the store, but its write has not returned when a renewal finds
+    # the job no longer running: that is not a lease lost to another worker.
+    async with queue_at(tmp_path / "q.db", lease=0.3) as queue:
+        real = queue._store.record
+        slow: list[int] = []
+
+        async def written_then_slow(outcomes: Any) -> list[bool]:
+            held = await real(outcomes)
+            slow.append(len(outcomes))
+            await trio.sleep(0.35)  # (more than a renewal interval: one renewal runs now)
+            return held
+
+        queue._store.record = written_then_slow  # type: ignore[method-assign]
+        await queue.enqueue(record, 1)
+        with caplog.at_level(logging.WARNING, logger="trio_background"):
+            await served(queue, CONFIG, lambda s: s.completed == 1)
+        assert slow
+    assert "lease" not in caplog.text

@@ -454,3 +454,77 @@ async def test_a_server_that_cannot_be_reached_raises_the_clients_own_error(
         async with queue("redis://127.0.0.1:1/0", redis_stream):
             pass  # pragma: no cover
     gc.collect()
+
+
+# -- the monitored worker example -----------------------------------------------------------
+
+
+async def test_the_monitored_worker_example_exports_its_jobs_and_the_queues(
+    tmp_path: Path, redis_server: RedisServer, redis_stream: str
+) -> None:
+    pytest.importorskip("prometheus_client")
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+    from redis_server import free_port
+
+    sys.path.insert(0, str(ROOT / "examples" / "redis_worker"))
+    try:
+        from tasks import resize_image, tasks
+    finally:
+        sys.path.pop(0)
+    url = redis_server.url
+    async with open_redis_queue(url, tasks, stream=redis_stream) as q:
+        for n in range(5):
+            await q.enqueue(resize_image, f"{n}.png", 100)
+        await q.enqueue(resize_image, "notes.txt", 100)  # fails three runs: dead
+    port = free_port()
+    proc = subprocess.Popen(  # noqa: ASYNC220 (started once; its output read in a thread)
+        [sys.executable, str(ROOT / "examples" / "redis_worker" / "worker.py"), url,
+         "--stream", redis_stream, "--metrics-port", str(port), "--every", "0.05"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        with trio.fail_after(20):
+            line = await trio.to_thread.run_sync(proc.stdout.readline)
+        assert line.startswith(b"ready"), line
+
+        def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+            return {
+                (s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text)
+                for s in family.samples
+            }
+
+        async with httpx.AsyncClient() as http:
+            with trio.fail_after(20):
+                while True:
+                    got = samples((await http.get(f"http://127.0.0.1:{port}/metrics")).text)
+                    queue_jobs = {
+                        dict(labels)["state"]: value
+                        for (name, labels), value in got.items()
+                        if name == "trio_background_queue_jobs"
+                    }
+                    if queue_jobs.get("completed") == 5 and queue_jobs.get("dead") == 1:
+                        break
+                    await trio.sleep(0.05)
+        assert queue_jobs == {
+            "pending": 0, "scheduled": 0, "running": 0, "completed": 5, "dead": 1, "retried": 2,
+        }  # fmt: skip
+        finished = {
+            dict(labels)["outcome"]: value
+            for (name, labels), value in got.items()
+            if name == "trio_background_jobs_finished_total"
+        }
+        assert finished["completed"] == 5
+        assert finished["failed"] == 3  # each failed run, the two retried ones included
+        proc.send_signal(signal.SIGTERM)
+        assert await trio.to_thread.run_sync(lambda: proc.wait(20)) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()  # type: ignore[union-attr]
+        proc.stderr.close()  # type: ignore[union-attr]

@@ -87,6 +87,9 @@ _ONE_RUN: Final = Retry(attempts=1)
 #: Seconds between two looks at whether the runtime has room again.
 POLL_INTERVAL: Final = 0.05
 
+#: Seconds the recorder waits for more outcomes before it writes a batch.
+RECORD_LINGER: Final = 0.002
+
 
 def _room(inner: Runtime) -> int:
     """How many more jobs ``inner`` can take without one waiting beyond its free places.
@@ -96,6 +99,18 @@ def _room(inner: Runtime) -> int:
     admission = inner.admission
     free_slots = max(0, admission.max_concurrent_tasks - admission.limiter.borrowed_tokens)
     return (admission.max_queue_size - admission.taken) + free_slots - inner.reserved
+
+
+def _batch(inner: Runtime) -> int:
+    """The room worth a claim while the runtime is busy: half its places and slots."""
+    admission = inner.admission
+    return max(1, (admission.max_queue_size + admission.max_concurrent_tasks) // 2)
+
+
+def _busy(inner: Runtime) -> bool:
+    """Whether ``inner`` has as many jobs queued as it has slots: a round of work."""
+    admission = inner.admission
+    return admission.taken >= admission.max_concurrent_tasks
 
 
 @attrs.frozen
@@ -327,6 +342,7 @@ class DurableQueue:
         self._claiming = 0  # claims under way (close() waits for them)
         self._claimed = trio.Event()  # set (and replaced) as each claim returns
         self._writing = 0  # batches of outcomes being written now
+        self._writing_tokens: set[str] = set()  # the claims of the outcomes being written
         self._written = trio.Event()  # set (and replaced) after each batch is written
         self._closed = False  # no more enqueue() or serve()
         self._gone = False  # closed, and every claim recorded or given back
@@ -424,7 +440,10 @@ class DurableQueue:
         task_status.started()
         while inner.shutdown.phase is Phase.OPEN and not self._closed:
             room = _room(inner)
-            if room <= 0:
+            if room <= 0 or (room < _batch(inner) and _busy(inner)):
+                # No room; or little room while the runtime has a round of work queued
+                # for its slots: wait for more, so that claims come in batches (each
+                # claim is a store call) and no slot goes idle meanwhile.
                 with trio.move_on_after(POLL_INTERVAL):
                     await self._recorded.wait()
                 self._recorded = trio.Event()
@@ -588,6 +607,9 @@ class DurableQueue:
     async def _record_outcomes(self) -> None:
         while True:
             await self._to_record.wait()
+            # Outcomes of jobs ending together are written together (one store call):
+            # let the ones ending in the next moment join this batch.
+            await trio.sleep(RECORD_LINGER)
             self._to_record = trio.Event()
             await self._flush()
 
@@ -596,6 +618,7 @@ class DurableQueue:
             batch = list(self._outcomes)
             self._outcomes.clear()
             self._writing += 1
+            self._writing_tokens.update(outcome.token for outcome in batch)
             try:
                 with trio.CancelScope(shield=True):
                     held = await self._store.record(batch)
@@ -606,6 +629,7 @@ class DurableQueue:
                 raise
             finally:
                 self._writing -= 1
+                self._writing_tokens.difference_update(outcome.token for outcome in batch)
                 self._written.set()
                 self._written = trio.Event()
             for outcome, ok in zip(batch, held, strict=True):
@@ -625,7 +649,10 @@ class DurableQueue:
             if self._held:
                 claims = list(self._held.items())
                 lost = await self._store.renew(claims, self._lease)
+                ending = self._writing_tokens | {o.token for o in self._outcomes} if lost else ()
                 for job_id, token in claims:
+                    if token in ending:
+                        continue  # (its outcome was written meanwhile, or is on its way)
                     if job_id in lost and self._held.get(job_id) == token:
                         del self._held[job_id]
                         logger.warning(
