@@ -728,3 +728,29 @@ async def test_a_renewal_racing_the_outcome_being_written_is_not_a_lost_lease(
             await served(queue, CONFIG, lambda s: s.completed == 1)
         assert slow
     assert "lease" not in caplog.text
+
+
+async def test_serve_cancelled_while_the_store_claims_gives_the_claims_back(
+    tmp_path: Path,
+) -> None:
+    # The store made the claim, but its answer was still on the way when serve() was
+    # cancelled: the claimed jobs go back at once, rather than wait out their leases.
+    async with queue_at(tmp_path / "q.db") as queue:
+        for n in range(3):
+            await queue.enqueue(record, n)
+        real = queue._store.claim
+        in_claim = trio.Event()
+
+        async def slow_answer(*args: Any) -> Any:
+            claims = await real(*args)
+            in_claim.set()
+            await trio.sleep(0.2)  # (the answer on its way)
+            return claims
+
+        queue._store.claim = slow_answer  # type: ignore[method-assign]
+        async with open_background_runtime(CONFIG) as runtime, trio.open_nursery() as nursery:
+            await nursery.start(queue.serve, runtime)
+            await in_claim.wait()
+            nursery.cancel_scope.cancel()
+        assert await queue.statistics() == stats(pending=3)
+    assert runs == []

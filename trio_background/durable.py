@@ -458,9 +458,13 @@ class DurableQueue:
             self._claiming += 1
             try:
                 try:
-                    claims = await self._store.claim(
-                        self._worker, room, self._lease, self._attempts_of
-                    )
+                    # Shielded: a claim the store made is never dropped on the floor by a
+                    # cancellation (its jobs would wait out their leases); if this task
+                    # was cancelled meanwhile, the claimed jobs are given back below.
+                    with trio.CancelScope(shield=True):
+                        claims = await self._store.claim(
+                            self._worker, room, self._lease, self._attempts_of
+                        )
                 finally:
                     self._claiming -= 1
                     self._claimed.set()
