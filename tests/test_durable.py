@@ -747,7 +747,7 @@ async def test_serve_cancelled_while_the_store_claims_gives_the_claims_back(
             await trio.sleep(0.2)  # (the answer on its way)
             return claims
 
-        queue._store.claim = slow_answer  # type: ignore[method-assign]
+        queue._store.claim = slow_answer  # type: ignore[method-assign,assignment]
         async with open_background_runtime(CONFIG) as runtime, trio.open_nursery() as nursery:
             await nursery.start(queue.serve, runtime)
             await in_claim.wait()
