@@ -15,9 +15,9 @@ the queue, on any machine, sees the same counts. The keys, for a stream named ``
 - ``S:dead`` -- the dead letters, a stream with the reason of each death.
 - ``S:done`` -- completed jobs by the time they ended (for purging), ``S:dedupe`` --
   dedupe keys held by unfinished jobs, ``S:stats`` -- the ``completed`` and ``retried``
-  counters, ``S:seq`` -- the last job number, ``S:wake`` -- a short stream an idle worker
-  blocks on (every change that may make a job claimable adds to it), ``S:meta`` -- the
-  schema version.
+  counters, ``S:seq`` -- the last job number, ``S:wake`` -- a short list of wake-up
+  tokens idle workers block on (every change that may make a job claimable pushes one),
+  ``S:meta`` -- the schema version.
 
 Times are the Redis server's clock (``TIME``), one clock for every worker, unless the
 store is given a clock of its own (the tests' fake clock): then the scripts use it.
@@ -75,7 +75,10 @@ end
 local function member(id) return string.format('%016d', tonumber(id)) end
 local function idof(m) return (string.gsub(m, '^0+', '')) end
 local function jobkey(id) return S .. ':job:' .. id end
-local function wake() redis.call('XADD', S .. ':wake', 'MAXLEN', '~', 64, '*', 'w', '1') end
+local function wake()
+  redis.call('LPUSH', S .. ':wake', '1')
+  redis.call('LTRIM', S .. ':wake', 0, 63)
+end
 local function unhold(key, m, group)
   redis.call('ZREM', S .. ':leases', m)
   local entry = redis.call('HGET', key, 'entry')
@@ -218,10 +221,7 @@ local l = redis.call('ZRANGE', leases, 0, 0, 'WITHSCORES')
 if #l > 0 and (not next_at or tonumber(l[2]) < next_at) then next_at = tonumber(l[2]) end
 local next_in = false
 if next_at then next_in = string.format('%.6f', next_at - now) end
-local last = redis.call('XREVRANGE', S .. ':wake', '+', '-', 'COUNT', 1)
-local wake_id = '0-0'
-if #last > 0 then wake_id = last[1][1] end
-return {'claims', claims, next_in, wake_id}
+return {'claims', claims, next_in}
 """
 
 # ARGV: now, lease, group, then (id, token) pairs. (XCLAIM by the holder itself only
@@ -429,10 +429,8 @@ class RedisStore(Store):
             )
         }
         self._scripts = scripts
-        # What the last claim saw: seconds until a waiting job falls due or a lease ends,
-        # and the last entry of the wake stream (an idle wait reads from there on).
+        # What the last claim saw: seconds until a waiting job falls due or a lease ends.
         self._next_in: float | None = None
-        self._wake_id = "0-0"
         self._wake_key = f"{stream}:wake"
         self._workers: set[str] = set()  # the consumer names claims were made under
 
@@ -482,9 +480,8 @@ class RedisStore(Store):
                     name = _text(task) or ""
                     reap += [_str(m), _str(token), "d" if used >= attempts(name) else "r"]
                 continue
-            _, rows, next_in, wake_id = reply
+            _, rows, next_in = reply
             self._next_in = None if next_in is None else float(next_in)
-            self._wake_id = _str(wake_id)
             return [
                 Claim(
                     _str(job_id),
@@ -498,11 +495,15 @@ class RedisStore(Store):
             ]
 
     async def idle(self, enqueued: trio.Event) -> None:
-        """Block on the wake stream until something may be claimable (or `MAX_IDLE`)."""
+        """Block until a wake-up token comes (something may be claimable), `MAX_IDLE` at most.
+
+        Each change that makes a job claimable pushes one token, and a token wakes one
+        idle worker: new work wakes a worker, not every worker. A token pushed while no
+        worker waits stays in the list (at most 64 do), so none is missed between a claim
+        that found nothing and this wait.
+        """
         timeout = MAX_IDLE if self._next_in is None else min(MAX_IDLE, self._next_in)
-        await self._blocking.xread(
-            {self._wake_key: self._wake_id}, count=1, block=max(1, int(timeout * 1000))
-        )
+        await self._blocking.blpop([self._wake_key], timeout=max(0.001, timeout))
 
     async def renew(self, claims: Sequence[tuple[str, str]], lease: float) -> set[str]:
         args: list[Any] = [repr(lease), self.group]
