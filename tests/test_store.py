@@ -456,3 +456,64 @@ async def test_redis_reads_what_another_client_wrote_without_raising(
     garbage = {"payload": b"\xff\x00", "request_id": b"\xff", "task": b"\xfe"}
     await redis_store._client.hset(key, garbage)
     await read_back_garbage(redis_store, job_id)
+
+
+async def test_redis_a_call_sent_twice_changes_state_once(
+    redis_store: RedisStore, clock: Clock
+) -> None:
+    # The client sends a command again when its connection drops, and the first may have
+    # run: a state-changing script answers a second run of one call as it did the first.
+    store = redis_store
+    call = [store.stream, f"{store.stream}:call:same"]
+    args = [repr(clock.now), "t", '["t"]', "0", "", "0", "", repr(clock.now), ""]
+    first: Any = await store._scripts["enqueue"](keys=call, args=args)
+    again: Any = await store._scripts["enqueue"](keys=call, args=args)
+    assert first == again
+    assert await counts(store) == zero(pending=1)
+    claim_call = [store.stream, f"{store.stream}:call:claim"]
+    claim_args: list[str | int] = [repr(clock.now), "5", repr(LEASE), "w", "g", "tok:", 0]
+    got: Any = await store._scripts["claim"](keys=claim_call, args=claim_args)
+    got_again: Any = await store._scripts["claim"](keys=claim_call, args=claim_args)
+    assert got == got_again
+    assert len(got[1]) == 1
+    assert await counts(store) == zero(running=1)
+    (job_id, *_) = got[1][0]
+    assert (await store._client.hget(f"{store.stream}:job:{job_id.decode()}", "attempts")) == b"1"
+
+
+async def test_redis_job_records_written_by_something_else_go_dead_and_change_nothing(
+    redis_store: RedisStore, clock: Clock
+) -> None:
+    store = redis_store
+    ids = [await store.enqueue(job("t", n, at=clock.now), None) for n in range(4)]
+    client = store._client
+    await client.hset(f"{store.stream}:job:{ids[0]}", {"attempts": "many"})
+    await client.delete([f"{store.stream}:job:{ids[1]}"])
+    await client.set(f"{store.stream}:job:{ids[1]}", "a string")
+    await client.zadd(f"{store.stream}:waiting", {"not-a-job": clock.now})
+    claims = await claim(store)
+    assert [c.job_id for c in claims] == ids[2:]  # the readable ones, in order
+    # Every entry is still counted once: the unreadable ones as dead letters.
+    assert await counts(store) == zero(running=2, dead=3)
+    assert await client.get(f"{store.stream}:job:{ids[1]}") == b"a string"  # untouched
+    assert await store.record([Outcome(c.job_id, c.token, "complete") for c in claims]) == [
+        True,
+        True,
+    ]
+    assert await counts(store) == zero(completed=2, dead=3)
+    assert await store.status(ids[1]) is None
+    assert {d.error for d in await store.dead_jobs()} == {
+        "the stored job record is unreadable (written by something else?)"
+    }
+
+
+async def test_redis_refuses_keys_of_another_kind(
+    redis_server: RedisServer, redis_stream: str
+) -> None:
+    from trio_background._redis_store import open_redis_store
+
+    async with open_redis_store(redis_server.url, stream=redis_stream, group="g") as opened:
+        await opened._client.set(f"{redis_stream}-x:waiting", "a string")
+    with pytest.raises(SchemaVersionError, match="not a trio_background queue"):
+        async with open_redis_store(redis_server.url, stream=f"{redis_stream}-x", group="g"):
+            pass  # pragma: no cover

@@ -135,6 +135,10 @@ async def test_bad_redis_usage_exits_2_with_a_message(
         (["--sqlite", "q.db", "--stream", "s"], "--stream goes with --redis"),
         (["--redis", redis_server.url, "--group", ""], "--group must not be empty"),
         (["--redis", "redis://127.0.0.1:1/0"], "cannot serve redis://127.0.0.1:1/0"),
+        (["--redis", "redis://127.0.0.1:99999/0"], "not a Redis URL"),
+        (["--redis", "redis://127.0.0.1:1/0?db=x"], "not a Redis URL"),
+        (["--redis", "redis://:se/cret@127.0.0.1:1/0"], "cannot serve"),
+        (["--redis", "redis://127.0.0.1:1/0?password=s3cret"], "?password=***"),
         (
             ["--redis", redis_server.url, "--stream", f"{redis_stream}-string"],
             "not a trio_background queue",
@@ -145,6 +149,7 @@ async def test_bad_redis_usage_exits_2_with_a_message(
         assert proc.returncode == 2, (args, proc.stderr)
         assert message in proc.stderr, (args, proc.stderr)
         assert "Traceback" not in proc.stderr
+        assert "s3cret" not in proc.stderr
 
 
 async def test_a_password_goes_in_the_url_and_is_never_printed(
@@ -528,3 +533,31 @@ async def test_the_monitored_worker_example_exports_its_jobs_and_the_queues(
             proc.wait()
         proc.stdout.close()  # type: ignore[union-attr]
         proc.stderr.close()  # type: ignore[union-attr]
+
+
+@dropped_connections
+async def test_a_worker_rides_out_a_short_redis_restart(
+    tmp_path: Path, workers: list[Worker], redis_stream: str
+) -> None:
+    server = RedisServer(tmp_path / "redis", "--appendonly", "yes", "--appendfsync", "always")
+    server.start()
+    try:
+        worker = RedisWorker(tmp_path, server.url, redis_stream, "--lease", "5")
+        workers.append(worker)
+        async with queue(server.url, redis_stream) as q:
+            await q.enqueue(durable_tasks.nap, "before", 0.0)
+        await wait_for(server.url, redis_stream, lambda s: s.completed == 1, 20)
+        server.stop()
+        await trio.sleep(0.5)  # (the server is down: the idle worker's calls fail)
+        server.start()
+        async with queue(server.url, redis_stream) as q:
+            await q.enqueue(durable_tasks.nap, "after", 0.0)
+        stats = await wait_for(server.url, redis_stream, lambda s: s.completed == 2, 20)
+        assert stats == DurableStatistics(0, 0, 0, 2, 0, 0)
+        assert worker.proc.poll() is None
+        status, _, err = worker.stop()
+        assert status == 0, err
+        assert sorted(tag for _, _, tag, _ in run_lines(tmp_path)) == ["after", "before"]
+    finally:
+        server.stop()
+        gc.collect()

@@ -55,6 +55,10 @@ if TYPE_CHECKING:
 #: elsewhere may run out meanwhile; nothing else goes unnoticed that long).
 MAX_IDLE: Final = 0.5
 
+#: Seconds a command may wait for its connection or its answer (an idle worker's
+#: blocking wait, `MAX_IDLE` at most, included).
+STREAM_TIMEOUT: Final = 5.0
+
 #: Expired leases taken back per step of a claim.
 _REAP_BATCH: Final = 256
 
@@ -73,6 +77,16 @@ local function at(x)
   return tonumber(x)
 end
 local function member(id) return string.format('%016d', tonumber(id)) end
+-- A job record this code can read and change: a hash whose attempts are a whole number.
+-- (Anything else under a job's key was written by something else; it is never changed.)
+local function record_of(key)
+  if redis.call('TYPE', key)['ok'] ~= 'hash' then return nil end
+  local used = redis.call('HGET', key, 'attempts')
+  if not used then return 0 end
+  if not string.match(used, '^%-?%d+$') then return nil end
+  return tonumber(used)
+end
+local function is_member(m) return string.match(m, '^%d+$') ~= nil end
 local function idof(m) return (string.gsub(m, '^0+', '')) end
 local function jobkey(id) return S .. ':job:' .. id end
 local function wake()
@@ -102,13 +116,25 @@ local function bury(key, id, err)
     'attempts', f[2] or '0', 'error', err)
   redis.call('HSET', key, 'dead_entry', entry)
 end
+-- A waiting or claimed entry whose job record cannot be read: to the dead letters (where
+-- it is counted), changing nothing under the job's own key.
+local function spoiled(m)
+  redis.call('XADD', S .. ':dead', '*', 'id', idof(m), 'task', '', 'attempts', '0',
+    'error', 'the stored job record is unreadable (written by something else?)')
+end
 """
 
 _SETUP = r"""
 local S = KEYS[1]
 local kind = redis.call('TYPE', S)['ok']
-local version = redis.call('HGET', S .. ':meta', 'schema')
 if kind ~= 'none' and kind ~= 'stream' then return {'not', kind} end
+local kinds = {meta = 'hash', waiting = 'zset', leases = 'zset', done = 'zset',
+  dead = 'stream', wake = 'list', dedupe = 'hash', stats = 'hash', seq = 'string'}
+for suffix, expected in pairs(kinds) do
+  local found = redis.call('TYPE', S .. ':' .. suffix)['ok']
+  if found ~= 'none' and found ~= expected then return {'not', suffix} end
+end
+local version = redis.call('HGET', S .. ':meta', 'schema')
 if version and version ~= ARGV[1] then return {'version', version} end
 if not version then
   if kind == 'stream' or redis.call('EXISTS', S .. ':seq') == 1 then
@@ -160,9 +186,11 @@ for i = 0, tonumber(ARGV[7]) - 1 do
   local id = idof(m)
   local key = jobkey(id)
   local until_ = redis.call('ZSCORE', leases, m)
-  local current = redis.call('HGET', key, 'token')
+  local current = false
+  if is_member(m) and record_of(key) then current = redis.call('HGET', key, 'token') end
   if until_ and not current then
-    redis.call('ZREM', leases, m)  -- (a lease without a claim: nothing to take back)
+    redis.call('ZREM', leases, m)  -- (a lease without a claim to take back)
+    if not (is_member(m) and record_of(key)) then spoiled(m) end
   elseif until_ and tonumber(until_) < now and current == tok then
     unhold(key, m, group)
     if verdict == 'd' then
@@ -170,20 +198,24 @@ for i = 0, tonumber(ARGV[7]) - 1 do
     else
       redis.call('HSET', key, 'state', 'waiting', 'error', LOST)
       redis.call('ZADD', waiting, now, m)
+      redis.call('HINCRBY', S .. ':stats', 'retried', 1)
       retried = retried + 1
     end
   end
 end
-if retried > 0 then
-  redis.call('HINCRBY', S .. ':stats', 'retried', retried)
-  wake()
-end
+if retried > 0 then wake() end
 local expired = {}
 local rows = redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'WITHSCORES', 'LIMIT', 0, REAP)
 for i = 1, #rows, 2 do
   if tonumber(rows[i + 1]) < now then
-    local f = redis.call('HMGET', jobkey(idof(rows[i])), 'token', 'task', 'attempts')
-    expired[#expired + 1] = {rows[i], f[1] or '', f[2] or '', tonumber(f[3] or '0')}
+    local key = jobkey(idof(rows[i]))
+    local used = is_member(rows[i]) and record_of(key)
+    if used then
+      local f = redis.call('HMGET', key, 'token', 'task')
+      expired[#expired + 1] = {rows[i], f[1] or '', f[2] or '', used}
+    else
+      expired[#expired + 1] = {rows[i], '', '', 0}  -- (taken out on the next step)
+    end
   end
 end
 if #expired > 0 then return {'expired', expired} end
@@ -191,21 +223,26 @@ local claims = {}
 if limit > 0 then
   local ms = redis.call('ZRANGEBYSCORE', waiting, '-inf', now, 'LIMIT', 0, limit)
   local ours = {}
-  for i, m in ipairs(ms) do
+  for _, m in ipairs(ms) do
     redis.call('ZREM', waiting, m)
     local id = idof(m)
     local key = jobkey(id)
-    local tok = prefix .. i
-    local attempt = redis.call('HINCRBY', key, 'attempts', 1)
-    local entry = redis.call('XADD', S, '*', 'id', id)
-    ours[entry] = true
-    redis.call('HSET', key, 'state', 'running', 'token', tok, 'worker', worker, 'entry', entry)
-    redis.call('ZADD', leases, now + lease, m)
-    local f = redis.call('HMGET', key, 'task', 'payload', 'request_id')
-    claims[i] = {id, f[1] or '', f[2] or false, f[3] or false, attempt, tok}
+    local used = is_member(m) and record_of(key)
+    if not used then
+      spoiled(m)
+    else
+      local tok = prefix .. (#claims + 1)
+      local entry = redis.call('XADD', S, '*', 'id', id)
+      ours[entry] = true
+      redis.call('HSET', key, 'attempts', used + 1, 'state', 'running', 'token', tok,
+        'worker', worker, 'entry', entry)
+      redis.call('ZADD', leases, now + lease, m)
+      local f = redis.call('HMGET', key, 'task', 'payload', 'request_id')
+      claims[#claims + 1] = {id, f[1] or '', f[2] or false, f[3] or false, used + 1, tok}
+    end
   end
-  if #ms > 0 then
-    local got = redis.call('XREADGROUP', 'GROUP', group, worker, 'COUNT', #ms + 16,
+  if #claims > 0 then
+    local got = redis.call('XREADGROUP', 'GROUP', group, worker, 'COUNT', #claims + 16,
       'STREAMS', S, '>')
     if got then
       for _, e in ipairs(got[1][2]) do
@@ -232,7 +269,10 @@ local lost = {}
 for i = 4, #ARGV, 2 do
   local id, tok = ARGV[i], ARGV[i + 1]
   local key = jobkey(id)
-  local f = redis.call('HMGET', key, 'state', 'token', 'entry', 'worker')
+  local f = {}
+  if is_member(id) and record_of(key) then
+    f = redis.call('HMGET', key, 'state', 'token', 'entry', 'worker')
+  end
   if f[1] == 'running' and f[2] == tok then
     redis.call('ZADD', S .. ':leases', 'XX', until_, member(id))
     if f[3] and f[4] then redis.call('XCLAIM', S, ARGV[3], f[4], 0, f[3], 'JUSTID') end
@@ -247,11 +287,12 @@ return lost
 _RECORD = r"""
 local group = ARGV[2]
 local held = {}
-local completed, retried, woke = 0, 0, false
+local woke = false
 for i = 3, #ARGV, 5 do
   local id, tok, verdict, err, delay = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   local key = jobkey(id)
-  local f = redis.call('HMGET', key, 'state', 'token')
+  local f = {}
+  if is_member(id) and record_of(key) then f = redis.call('HMGET', key, 'state', 'token') end
   if f[1] == 'running' and f[2] == tok then
     local m = member(id)
     unhold(key, m, group)
@@ -260,13 +301,13 @@ for i = 3, #ARGV, 5 do
       redis.call('HDEL', key, 'error')
       release_dedupe(key, id)
       redis.call('ZADD', S .. ':done', now, m)
-      completed = completed + 1
+      redis.call('HINCRBY', S .. ':stats', 'completed', 1)
     elseif verdict == 'd' then
       bury(key, id, err)
     elseif verdict == 'r' then
       redis.call('HSET', key, 'state', 'waiting', 'error', err)
       redis.call('ZADD', S .. ':waiting', now + tonumber(delay), m)
-      retried = retried + 1
+      redis.call('HINCRBY', S .. ':stats', 'retried', 1)
       woke = true
     else
       redis.call('HSET', key, 'state', 'waiting')
@@ -279,8 +320,6 @@ for i = 3, #ARGV, 5 do
     held[#held + 1] = 0
   end
 end
-if completed > 0 then redis.call('HINCRBY', S .. ':stats', 'completed', completed) end
-if retried > 0 then redis.call('HINCRBY', S .. ':stats', 'retried', retried) end
 if woke then wake() end
 return held
 """
@@ -290,12 +329,16 @@ local waiting = S .. ':waiting'
 local pending = redis.call('ZCOUNT', waiting, '-inf', now)
 local all = redis.call('ZCARD', waiting)
 local stats = redis.call('HMGET', S .. ':stats', 'completed', 'retried')
-return {pending, all - pending, redis.call('ZCARD', S .. ':leases'), tonumber(stats[1] or '0'),
-  redis.call('XLEN', S .. ':dead'), tonumber(stats[2] or '0')}
+return {pending, all - pending, redis.call('ZCARD', S .. ':leases'), tonumber(stats[1]) or 0,
+  redis.call('XLEN', S .. ':dead'), tonumber(stats[2]) or 0}
 """
 
 _STATUS = r"""
 local id = ARGV[2]
+if redis.call('TYPE', jobkey(id))['ok'] ~= 'hash' then
+  if redis.call('ZSCORE', S .. ':waiting', member(id)) then return 'pending' end
+  return false
+end
 local state = redis.call('HGET', jobkey(id), 'state')
 if not state then return false end
 if state == 'waiting' then
@@ -311,9 +354,13 @@ local out = {}
 for _, e in ipairs(redis.call('XRANGE', S .. ':dead', '-', '+')) do
   local fields = {}
   for i = 1, #e[2], 2 do fields[e[2][i]] = e[2][i + 1] end
-  local payload = redis.call('HGET', jobkey(fields['id']), 'payload')
-  out[#out + 1] = {fields['id'], fields['task'] or '', payload or false,
-    tonumber(fields['attempts'] or '0'), fields['error'] or false}
+  local id = fields['id'] or ''
+  local payload = false
+  if is_member(id) and redis.call('TYPE', jobkey(id))['ok'] == 'hash' then
+    payload = redis.call('HGET', jobkey(id), 'payload')
+  end
+  out[#out + 1] = {id, fields['task'] or '', payload,
+    tonumber(fields['attempts']) or 0, fields['error'] or false}
 end
 return out
 """
@@ -321,7 +368,7 @@ return out
 _REQUEUE = r"""
 local id = ARGV[2]
 local key = jobkey(id)
-if redis.call('HGET', key, 'state') ~= 'dead' then return 0 end
+if not record_of(key) or redis.call('HGET', key, 'state') ~= 'dead' then return 0 end
 local entry = redis.call('HGET', key, 'dead_entry')
 if entry then redis.call('XDEL', S .. ':dead', entry) end
 redis.call('HSET', key, 'state', 'waiting', 'attempts', 0)
@@ -380,9 +427,24 @@ return 0
 
 _VERDICTS: Final = {"complete": "c", "retry": "r", "dead": "d", "release": "l"}
 
+# The scripts whose effect must happen once per call, however often the call is sent:
+# the client sends a command again when its connection drops, and the first one may have
+# run. Each call names a key of its own (KEYS[2]); the first run keeps its answer there
+# for a minute, and a run that finds it answers that again and changes nothing.
+_ONCE_ONLY: Final = frozenset({"enqueue", "claim", "record", "requeue"})
+_ONCE = r"""
+local answered = redis.call('GET', KEYS[2])
+if answered then return cjson.decode(answered) end
+local answer = (function()
+%s
+end)()
+redis.call('SET', KEYS[2], cjson.encode(answer), 'EX', 60)
+return answer
+"""
+
 
 def _str(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 class RedisStore(Store):
@@ -414,7 +476,7 @@ class RedisStore(Store):
         lost = LOST.replace("\\", "\\\\").replace("'", "\\'")
         prelude = _PRELUDE + f"local LOST = '{lost}'\nlocal REAP = {_REAP_BATCH}\n"
         scripts = {
-            name: client.register_script(prelude + body)
+            name: client.register_script(prelude + (_ONCE % body if name in _ONCE_ONLY else body))
             for name, body in (
                 ("enqueue", _ENQUEUE),
                 ("claim", _CLAIM),
@@ -442,7 +504,10 @@ class RedisStore(Store):
         return repr(t - self.clock()) if self._server_time else repr(t)
 
     async def _run(self, name: str, args: list[Any]) -> Any:
-        return await self._scripts[name](keys=self._keys, args=[self._now(), *args])
+        keys = self._keys
+        if name in _ONCE_ONLY:  # (a call of its own: run again, it answers the same)
+            keys = [self.stream, f"{self.stream}:call:{secrets.token_hex(8)}"]
+        return await self._scripts[name](keys=keys, args=[self._now(), *args])
 
     async def enqueue(self, job: NewJob, max_pending: int | None) -> str:
         reply = await self._run(
@@ -469,7 +534,7 @@ class RedisStore(Store):
         self, worker: str, limit: int, lease: float, attempts: Callable[[str], int]
     ) -> list[Claim]:
         self._workers.add(worker)
-        reap: list[str] = []
+        reap: list[Any] = []
         while True:
             prefix = secrets.token_hex(8) + ":"
             head = [str(max(0, limit)), repr(lease), worker, self.group, prefix, len(reap) // 3]
@@ -478,7 +543,9 @@ class RedisStore(Store):
                 reap = []
                 for m, token, task, used in reply[1]:
                     name = _text(task) or ""
-                    reap += [_str(m), _str(token), "d" if used >= attempts(name) else "r"]
+                    # (Member and token go back as the bytes they are: another client may
+                    # have written anything there.)
+                    reap += [m, token, "d" if int(used) >= attempts(name) else "r"]
                 continue
             _, rows, next_in = reply
             self._next_in = None if next_in is None else float(next_in)
@@ -502,8 +569,16 @@ class RedisStore(Store):
         worker waits stays in the list (at most 64 do), so none is missed between a claim
         that found nothing and this wait.
         """
+        import trio
+        from coredis.exceptions import ConnectionError as LostConnection
+
         timeout = MAX_IDLE if self._next_in is None else min(MAX_IDLE, self._next_in)
-        await self._blocking.blpop([self._wake_key], timeout=max(0.001, timeout))
+        try:
+            await self._blocking.blpop([self._wake_key], timeout=max(0.001, timeout))
+        except LostConnection:
+            # (Nothing is lost with a wake-up: the next claim looks anyway, and its own
+            # call waits for the server to come back.)
+            await trio.sleep(timeout)
 
     async def renew(self, claims: Sequence[tuple[str, str]], lease: float) -> set[str]:
         args: list[Any] = [repr(lease), self.group]
@@ -570,9 +645,26 @@ async def open_redis_store(
         SchemaVersionError: The keys hold another version's queue, or something else.
     """
     import coredis
+    from coredis.exceptions import ConnectionError as LostConnection
+    from coredis.retry import ConstantRetryPolicy, NoRetryPolicy
 
-    client: coredis.Redis[bytes] = coredis.Redis.from_url(url, decode_responses=False)
-    blocking: coredis.Redis[bytes] = coredis.Redis.from_url(url, decode_responses=False)
+    # A command whose connection dropped, or that could not connect, is sent again, for
+    # `STREAM_TIMEOUT` seconds at most (a server restarting, a failover): the scripts that
+    # change state answer a second run of one call as they did the first (_ONCE_ONLY),
+    # so a job is never stored twice nor a claim made twice. Timeouts bound every call,
+    # so that a worker cut off from the server still stops.
+    options: dict[str, Any] = {
+        "decode_responses": False,
+        "stream_timeout": STREAM_TIMEOUT,
+        "connect_timeout": STREAM_TIMEOUT,
+    }
+    again = ConstantRetryPolicy((LostConnection,), None, deadline=STREAM_TIMEOUT, delay=0.1)
+    once = NoRetryPolicy()
+    try:
+        client: coredis.Redis[bytes] = coredis.Redis.from_url(url, retry_policy=again, **options)
+        blocking: coredis.Redis[bytes] = coredis.Redis.from_url(url, retry_policy=once, **options)
+    except Exception as exc:  # (ValueError, or an assertion in the client's parser)
+        raise ValueError(f"not a Redis URL that can be used: {exc or type(exc).__name__}") from None
     # coredis's clients run task groups of their own: whatever happens inside (opening,
     # or the block) is raised again outside them, as it was raised, not in their groups.
     error: BaseException | None = None

@@ -24,6 +24,7 @@ import os
 import signal
 import sqlite3
 import sys
+import urllib.parse
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 
@@ -149,31 +150,32 @@ def _summary(stats: BackgroundStatistics, how: str) -> str:
     )
 
 
-async def _serve(args: argparse.Namespace, registry: TaskRegistry) -> int:
+async def _serve(args: argparse.Namespace, registry: TaskRegistry, serving: list[bool]) -> int:
     config = BackgroundTaskConfig(
         max_concurrent_tasks=args.concurrency,
         max_queue_size=args.queue_size,
         drain_timeout=args.drain_timeout,
     )
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        opened: contextlib.AbstractAsyncContextManager[DurableQueue]
-        if args.redis is not None:
-            from .redis import open_redis_queue
+    opened: contextlib.AbstractAsyncContextManager[DurableQueue]
+    if args.redis is not None:
+        from .redis import open_redis_queue
 
-            opened = open_redis_queue(
-                args.redis,
-                registry,
-                stream=args.stream,
-                group=args.group,
-                consumer=args.consumer,
-                lease=args.lease,
-            )
-        else:
-            opened = open_sqlite_queue(args.sqlite, registry, lease=args.lease)
-        async with opened as queue, trio.open_nursery() as ignoring:
-            status = await _serve_until_signalled(args, queue, config, signals, ignoring)
-            ignoring.cancel_scope.cancel()
-        return status
+        opened = open_redis_queue(
+            args.redis,
+            registry,
+            stream=args.stream,
+            group=args.group,
+            consumer=args.consumer,
+            lease=args.lease,
+        )
+    else:
+        opened = open_sqlite_queue(args.sqlite, registry, lease=args.lease)
+    # (Until the queue is open, SIGTERM and SIGINT act as usual: nothing is claimed yet.)
+    async with opened as queue, trio.open_nursery() as ignoring:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            status = await _serve_until_signalled(args, queue, config, signals, ignoring, serving)
+        ignoring.cancel_scope.cancel()
+    return status
 
 
 async def _serve_until_signalled(
@@ -182,6 +184,7 @@ async def _serve_until_signalled(
     config: BackgroundTaskConfig,
     signals: AsyncIterator[int],
     ignoring: trio.Nursery,
+    serving: list[bool],
 ) -> int:
     """Serve until the first signal, then drain; later signals are taken and dropped."""
 
@@ -197,6 +200,7 @@ async def _serve_until_signalled(
                 f"concurrency {args.concurrency})",
                 flush=True,
             )
+            serving.append(True)
             async for _ in signals:
                 break
             # Stop claiming; leaving the block drains. Further signals are
@@ -235,21 +239,37 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error(f"--{option} goes with --redis")
     else:
         try:
-            import coredis  # noqa: F401
+            import coredis
         except ImportError:
             parser.error("--redis needs coredis: pip install 'trio-background[redis]'")
         for option in ("stream", "group", "consumer"):
             if getattr(args, option) == "":
                 parser.error(f"--{option} must not be empty")
+        try:
+            coredis.Redis.from_url(args.redis)  # (parses the URL; connects to nothing)
+        except Exception as exc:  # (ValueError; an assertion in the client's parser)
+            parser.error(f"--redis {_without_password(args.redis)}: not a Redis URL ({exc!r})")
     registry = _load(parser, args.registry)
+    serving: list[bool] = []  # (set once the worker printed ready)
     try:
-        return trio.run(_serve, args, registry)
+        return trio.run(_serve, args, registry, serving)
+    except KeyboardInterrupt:
+        if serving:
+            raise
+        return 130  # (Ctrl-C while the queue was opening: nothing was claimed)
     except BaseException as exc:
-        # (Raised opening the queue: a file or keys that are not a queue, a path that
-        # cannot be opened, a server that cannot be reached or refuses the password.)
+        # Raised opening the queue: a file or keys that are not a queue, a path that
+        # cannot be opened, a server that cannot be reached or refuses the password. Once
+        # serving, a store that fails (a lost server) stops the worker: its claims run
+        # again elsewhere when their leases run out.
         reason = _cannot_open(exc)
         if reason is None:
             raise
+        if serving:
+            print(
+                f"{parser.prog}: error: stopped serving {_where(args)}: {reason}", file=sys.stderr
+            )
+            return CUT_OFF
         print(f"{parser.prog}: error: cannot serve {_where(args)}: {reason}", file=sys.stderr)
         return USAGE_ERROR
 
@@ -261,13 +281,18 @@ def _where(args: argparse.Namespace) -> str:
 
 
 def _without_password(url: str) -> str:
-    """The URL as it may be printed: any password replaced by ``***``."""
-    scheme, sep, rest = url.partition("://")
-    auth, at, host = rest.rpartition("@")
-    if not sep or not at:
-        return url
-    user, colon, _ = auth.partition(":")
-    return f"{scheme}://{user}{':***' if colon else ''}@{host}"
+    """The URL as it may be printed: any password (``:pw@`` or ``?password=``) is ``***``."""
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc
+    user, at, host = netloc.rpartition("@")
+    if at:
+        name, colon, _ = user.partition(":")
+        netloc = f"{name}{':***' if colon else ''}@{host}"
+    query = "&".join(
+        f"{key}=***" if key.lower() in ("password", "pass", "passwd") else f"{key}={value}"
+        for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    )
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def _cannot_open(exc: BaseException) -> BaseException | None:
@@ -281,6 +306,11 @@ def _cannot_open(exc: BaseException) -> BaseException | None:
         return exc
     if type(exc).__module__.startswith("coredis"):
         return exc
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is not None and tb.tb_frame.f_globals.get("__name__", "").startswith("coredis"):
+        return exc  # (raised inside the client: a URL it could not use, say)
     return None
 
 
