@@ -8,7 +8,8 @@ whatever the drain deadline cuts off is given back to the queue for another work
 prints the runtime's shutdown report.
 
 Exit status: 0 after a clean drain, 1 if the drain deadline cut jobs off (they were
-given back to the queue, not lost), 2 on bad usage (a bad option, a module or registry
+given back to the queue, not lost) or the queue's store failed while serving (its claims
+run again once their leases run out), 2 on bad usage (a bad option, a module or registry
 that cannot be found, a file or keys that are not a queue, a server that cannot be
 reached).
 
@@ -50,8 +51,8 @@ def _parser() -> argparse.ArgumentParser:
             "concurrency, record how each ended. SIGINT or SIGTERM drains and stops "
             "(later signals are ignored: the drain lasts --drain-timeout at most). "
             "Exit status: 0 after a clean drain, 1 "
-            "if jobs were cut off at the drain deadline (they go back to the queue), 2 on "
-            "bad usage."
+            "if jobs were cut off at the drain deadline (they go back to the queue) or the "
+            "queue's store failed while serving, 2 on bad usage."
         ),
     )
     parser.add_argument(
