@@ -32,6 +32,11 @@ async def sleep1ms() -> None:
     await trio.sleep(0.001)
 
 
+@tasks.task(name="sleep20ms")
+async def sleep20ms() -> None:
+    await trio.sleep(0.02)
+
+
 @tasks.task(name="stamp")
 async def stamp(enqueued_at: float) -> None:
     """Latency probe: write (start - enqueue) wall-clock seconds."""

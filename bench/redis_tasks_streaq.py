@@ -57,6 +57,11 @@ async def sleep1ms() -> None:
     await _sleep(0.001)  # trio.sleep on Trio, asyncio.sleep on asyncio
 
 
+@worker.task(name="sleep20ms", silent=SILENT)
+async def sleep20ms() -> None:
+    await _sleep(0.02)
+
+
 @worker.task(name="stamp", silent=SILENT)
 async def stamp(enqueued_at: float) -> None:
     """Latency probe: write (start - enqueue) wall-clock seconds."""
