@@ -517,3 +517,14 @@ async def test_redis_refuses_keys_of_another_kind(
     with pytest.raises(SchemaVersionError, match="not a trio_background queue"):
         async with open_redis_store(redis_server.url, stream=f"{redis_stream}-x", group="g"):
             pass  # pragma: no cover
+
+
+async def test_redis_keeps_the_answers_of_calls_in_flight_only(
+    redis_store: RedisStore, clock: Clock
+) -> None:
+    for n in range(5):
+        await redis_store.enqueue(job("t", n, at=clock.now), None)
+    for c in await claim(redis_store):
+        await redis_store.record([Outcome(c.job_id, c.token, "complete")])
+    calls = [k async for k in redis_store._client.scan_iter(f"{redis_store.stream}:call:*")]
+    assert len(calls) == 1  # the last call's; every earlier one was deleted by the next

@@ -430,9 +430,12 @@ _VERDICTS: Final = {"complete": "c", "retry": "r", "dead": "d", "release": "l"}
 # The scripts whose effect must happen once per call, however often the call is sent:
 # the client sends a command again when its connection drops, and the first one may have
 # run. Each call names a key of its own (KEYS[2]); the first run keeps its answer there
-# for a minute, and a run that finds it answers that again and changes nothing.
+# for a minute, and a run that finds it answers that again and changes nothing. The
+# next call deletes the keys of calls already answered (KEYS[3:]), so that only the
+# answers of calls in flight are kept.
 _ONCE_ONLY: Final = frozenset({"enqueue", "claim", "record", "requeue"})
 _ONCE = r"""
+for i = 3, #KEYS do redis.call('DEL', KEYS[i]) end
 local answered = redis.call('GET', KEYS[2])
 if answered then return cjson.decode(answered) end
 local answer = (function()
@@ -495,6 +498,7 @@ class RedisStore(Store):
         self._next_in: float | None = None
         self._wake_key = f"{stream}:wake"
         self._workers: set[str] = set()  # the consumer names claims were made under
+        self._answered: list[str] = []  # keys of calls answered since the last call
 
     def _now(self) -> str:
         return "" if self._server_time else repr(self.clock())
@@ -504,10 +508,16 @@ class RedisStore(Store):
         return repr(t - self.clock()) if self._server_time else repr(t)
 
     async def _run(self, name: str, args: list[Any]) -> Any:
-        keys = self._keys
-        if name in _ONCE_ONLY:  # (a call of its own: run again, it answers the same)
-            keys = [self.stream, f"{self.stream}:call:{secrets.token_hex(8)}"]
-        return await self._scripts[name](keys=keys, args=[self._now(), *args])
+        if name not in _ONCE_ONLY:
+            return await self._scripts[name](keys=self._keys, args=[self._now(), *args])
+        # A call of its own: sent again, it answers the same.
+        call = f"{self.stream}:call:{secrets.token_hex(8)}"
+        answered, self._answered = self._answered, []
+        answer = await self._scripts[name](
+            keys=[self.stream, call, *answered], args=[self._now(), *args]
+        )
+        self._answered.append(call)
+        return answer
 
     async def enqueue(self, job: NewJob, max_pending: int | None) -> str:
         reply = await self._run(
