@@ -513,7 +513,7 @@ class RedisStore(Store):
         # A call of its own: sent again, it answers the same.
         call = f"{self.stream}:call:{secrets.token_hex(8)}"
         answered, self._answered = self._answered, []
-        answer = await self._scripts[name](
+        answer: Any = await self._scripts[name](
             keys=[self.stream, call, *answered], args=[self._now(), *args]
         )
         self._answered.append(call)
