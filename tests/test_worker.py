@@ -6,6 +6,7 @@ process a test starts is stopped by PID before the test ends.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -22,7 +23,7 @@ import durable_tasks
 import pytest
 import trio
 
-from trio_background.durable import DurableStatistics, open_sqlite_queue
+from trio_background.durable import DurableQueue, DurableStatistics, open_sqlite_queue
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -208,37 +209,85 @@ def test_bad_usage_exits_2_with_a_message(tmp_path: Path, args: list[str], messa
     assert "Traceback" not in proc.stderr
 
 
-# -- SIGTERM --------------------------------------------------------------------------------
+# -- SIGTERM, drains, fencing: on each store -----------------------------------------------
 
 
-async def test_sigterm_drains_then_exits_0(tmp_path: Path, workers: list[Worker]) -> None:
-    path = tmp_path / "q.db"
-    async with open_sqlite_queue(path, durable_tasks.tasks) as queue:
+class Place:
+    """Where a test's queue lives: a SQLite file, or a stream on the tests' Redis server."""
+
+    def __init__(self, tmp_path: Path, url: str | None = None, stream: str = "") -> None:
+        self.tmp_path = tmp_path
+        self.path = tmp_path / "q.db"
+        self.url = url
+        self.stream = stream
+
+    def worker(self, *options: str) -> Worker:
+        if self.url is None:
+            return Worker(self.tmp_path, self.path, *options)
+        return Worker(self.tmp_path, self.path, "--stream", self.stream, *options, redis=self.url)
+
+    def queue(self) -> contextlib.AbstractAsyncContextManager[DurableQueue]:
+        if self.url is None:
+            return open_sqlite_queue(self.path, durable_tasks.tasks)
+        from trio_background.redis import open_redis_queue
+
+        return open_redis_queue(self.url, durable_tasks.tasks, stream=self.stream)
+
+    async def statistics(self) -> DurableStatistics:
+        async with self.queue() as queue:
+            return await queue.statistics()
+
+    async def wait_for(self, predicate: object, limit: float) -> DurableStatistics:
+        """Read the statistics every 50 ms until ``predicate`` holds, ``limit`` s at most."""
+        with trio.fail_after(limit):
+            async with self.queue() as queue:
+                while True:
+                    stats = await queue.statistics()
+                    if predicate(stats):  # type: ignore[operator]
+                        return stats
+                    await trio.sleep(0.05)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def place(request: pytest.FixtureRequest, tmp_path: Path) -> Place:
+    if request.param == "sqlite":
+        return Place(tmp_path)
+    pytest.importorskip("coredis")
+    server = request.getfixturevalue("redis_server")
+    return Place(tmp_path, server.url, request.getfixturevalue("redis_stream"))
+
+
+async def test_sigterm_drains_then_exits_0(place: Place, workers: list[Worker]) -> None:
+    async with place.queue() as queue:
         for i in range(40):
             await queue.enqueue(durable_tasks.nap, str(i), 0.05)
-    worker = Worker(tmp_path, path, "--concurrency", "4", "--queue-size", "4")
+    worker = place.worker("--concurrency", "4", "--queue-size", "4")
     workers.append(worker)
-    await wait_for(path, lambda s: s.completed >= 8, 20)
+    await place.wait_for(lambda s: s.completed >= 8, 20)
     status, out, err = worker.stop(signal.SIGTERM)
     assert status == 0, err
     summary = out.splitlines()[-1]
     assert summary.startswith("stopped (drained):")
-    stats = await statistics(path)
+    stats = await place.statistics()
     assert stats.running == 0
     assert stats.completed + stats.pending == 40
     assert f"{stats.completed} completed" in summary
-    assert len(run_lines(tmp_path)) == stats.completed  # every run that began, recorded
+    assert len(run_lines(place.tmp_path)) == stats.completed  # every run that began, recorded
+    if place.url is not None:
+        import coredis
+
+        async with coredis.Redis.from_url(place.url) as client:  # it left the group
+            assert await client.xinfo_consumers(place.stream, "workers") == ()
 
 
 async def test_later_signals_during_the_drain_are_ignored(
-    tmp_path: Path, workers: list[Worker]
+    place: Place, workers: list[Worker]
 ) -> None:
-    path = tmp_path / "q.db"
-    async with open_sqlite_queue(path, durable_tasks.tasks) as queue:
+    async with place.queue() as queue:
         await queue.enqueue(durable_tasks.nap, "long", 1.0)
-    worker = Worker(tmp_path, path, "--drain-timeout", "10")
+    worker = place.worker("--drain-timeout", "10")
     workers.append(worker)
-    await wait_for(path, lambda s: s.running == 1, 20)
+    await place.wait_for(lambda s: s.running == 1, 20)
     worker.proc.send_signal(signal.SIGTERM)
     await trio.sleep(0.2)  # (draining now: the job has most of its second to go)
     worker.proc.send_signal(signal.SIGINT)
@@ -250,60 +299,53 @@ async def test_later_signals_during_the_drain_are_ignored(
 
 
 async def test_a_drain_cut_short_gives_jobs_back_and_exits_1(
-    tmp_path: Path, workers: list[Worker]
+    place: Place, workers: list[Worker]
 ) -> None:
-    path = tmp_path / "q.db"
-    async with open_sqlite_queue(path, durable_tasks.tasks) as queue:
+    async with place.queue() as queue:
         ids = [await queue.enqueue(durable_tasks.nap, str(i), 30.0) for i in range(6)]
-    worker = Worker(
-        tmp_path, path, "--concurrency", "2", "--queue-size", "2", "--drain-timeout", "0.2"
-    )
+    worker = place.worker("--concurrency", "2", "--queue-size", "2", "--drain-timeout", "0.2")
     workers.append(worker)
-    await wait_for(path, lambda s: s.running == 4, 20)
+    await place.wait_for(lambda s: s.running == 4, 20)
     status, out, err = worker.stop(signal.SIGINT)
     assert status == 1, err
     lines = out.splitlines()
     assert lines[-3].startswith("stopped (drain cut short): 0 completed")
     assert lines[-2:] == ["  cut off while running: nap x2", "  given back unstarted: nap x2"]
-    assert await statistics(path) == DurableStatistics(6, 0, 0, 0, 0, 0)  # no attempt used
-    async with open_sqlite_queue(path, durable_tasks.tasks) as queue:
+    assert await place.statistics() == DurableStatistics(6, 0, 0, 0, 0, 0)  # no attempt used
+    async with place.queue() as queue:
         assert {await queue.status(i) for i in ids} == {"pending"}
 
 
-# -- leases and fencing ---------------------------------------------------------------------
-
-
 async def test_a_stopped_workers_job_is_reclaimed_and_its_late_result_ignored(
-    tmp_path: Path, workers: list[Worker]
+    place: Place, workers: list[Worker]
 ) -> None:
-    path = tmp_path / "q.db"
-    async with open_sqlite_queue(path, durable_tasks.tasks) as queue:
+    async with place.queue() as queue:
         job_id = await queue.enqueue(durable_tasks.nap, "slow", 1.0)
-    first = Worker(tmp_path, path, "--lease", "0.5")
+    first = place.worker("--lease", "0.5")
     workers.append(first)
-    await wait_for(path, lambda s: s.running == 1, 20)
+    await place.wait_for(lambda s: s.running == 1, 20)
     first.proc.send_signal(signal.SIGSTOP)  # past its lease: a zombie
     try:
-        second = Worker(tmp_path, path, "--lease", "0.5")
+        second = place.worker("--lease", "0.5")
         workers.append(second)
-        stats = await wait_for(path, lambda s: s.completed == 1, 20)
+        stats = await place.wait_for(lambda s: s.completed == 1, 20)
     finally:
         first.proc.send_signal(signal.SIGCONT)
     assert stats == DurableStatistics(0, 0, 0, 1, 0, 1)
     # The zombie wakes up, finishes its run and tries to record it: refused.
     with trio.fail_after(20):
-        while len(run_lines(tmp_path)) < 2:  # noqa: ASYNC110 (another process's file)
+        while len(run_lines(place.tmp_path)) < 2:  # noqa: ASYNC110 (another process's file)
             await trio.sleep(0.05)
     status, _, err = first.stop()
     assert status == 0
     assert "its lease was lost" in err or "lease expired before it was renewed" in err
     assert second.stop()[0] == 0
-    assert await statistics(path) == DurableStatistics(0, 0, 0, 1, 0, 1)  # counted nowhere
-    runs = run_lines(tmp_path)
+    assert await place.statistics() == DurableStatistics(0, 0, 0, 1, 0, 1)  # counted nowhere
+    runs = run_lines(place.tmp_path)
     assert sorted((int(pid), int(attempt)) for pid, _, _, attempt in runs) == sorted(
         [(first.pid, 1), (second.pid, 2)]
     )
-    async with open_sqlite_queue(path, durable_tasks.tasks) as queue:
+    async with place.queue() as queue:
         assert await queue.status(job_id) == "completed"
 
 
