@@ -115,6 +115,14 @@ def workers() -> Iterator[list[Worker]]:
             worker.proc.wait(timeout=20)
 
 
+def report_chaos(figures: dict[str, object]) -> None:
+    """Append a chaos round's figures, as a JSON line, to ``$TB_CHAOS_REPORT`` if it is set."""
+    report = os.environ.get("TB_CHAOS_REPORT")
+    if report:
+        with Path(report).open("a") as f:
+            f.write(json.dumps(figures) + "\n")
+
+
 def make_effects(tmp_path: Path) -> None:
     db = sqlite3.connect(tmp_path / "effects.db")
     db.execute("CREATE TABLE effects (n INTEGER PRIMARY KEY)")
@@ -425,8 +433,5 @@ async def test_kill_9_chaos_loses_nothing_and_bounds_the_duplicates(
         "retried": stats.retried,
         "wall seconds": round(wall, 1),
     }
-    report = os.environ.get("TB_CHAOS_REPORT")
-    if report:
-        with Path(report).open("a") as f:  # noqa: ASYNC230 (one line, after the test)
-            f.write(json.dumps(figures) + "\n")
+    report_chaos(figures)
     assert kills == KILLS

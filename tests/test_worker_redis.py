@@ -9,7 +9,6 @@ own, so tests never see each other's jobs.
 from __future__ import annotations
 
 import gc
-import json
 import os
 import random
 import signal
@@ -25,7 +24,7 @@ import durable_tasks
 import pytest
 import trio
 from redis_server import RedisServer
-from test_worker import ROOT, Worker, environment, run_lines
+from test_worker import ROOT, Worker, environment, report_chaos, run_lines
 
 from trio_background.durable import DurableQueue, DurableStatistics
 
@@ -324,10 +323,7 @@ async def test_many_workers_under_kill_9_and_a_zombie_complete_every_job_once(
         "retried": final.retried,
         "wall seconds": round(wall, 1),
     }
-    report = os.environ.get("TB_CHAOS_REPORT")
-    if report:
-        with Path(report).open("a") as f:  # noqa: ASYNC230 (one line, after the test)
-            f.write(json.dumps(figures) + "\n")
+    report_chaos(figures)
     assert kills == KILLS - 1
 
 
