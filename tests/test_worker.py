@@ -16,7 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import durable_tasks
@@ -115,7 +115,7 @@ def workers() -> Iterator[list[Worker]]:
             worker.proc.wait(timeout=20)
 
 
-def report_chaos(figures: dict[str, object]) -> None:
+def report_chaos(figures: Mapping[str, object]) -> None:
     """Append a chaos round's figures, as a JSON line, to ``$TB_CHAOS_REPORT`` if it is set."""
     report = os.environ.get("TB_CHAOS_REPORT")
     if report:
