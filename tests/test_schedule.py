@@ -795,3 +795,11 @@ async def test_a_cancelled_send_that_held_others_up_lets_the_next_one_in(
 async def _cancelled_by(scope: trio.CancelScope, send: Any, **options: Any) -> None:
     with scope:
         await send(**options)
+
+
+def test_a_backoff_of_zero_stays_zero_however_far_the_multiplier_grows() -> None:
+    # The growth overflows a float (1e300 ** 2): zero times it is still zero, not the cap.
+    retry = Retry(attempts=5, backoff=0.0, multiplier=1e300, max_backoff=60.0, jitter=False)
+    assert [retry.delay(run, random.random) for run in (1, 2, 3, 4)] == [0.0, 0.0, 0.0, 0.0]
+    growing = Retry(attempts=5, backoff=1.0, multiplier=1e300, max_backoff=60.0, jitter=False)
+    assert [growing.delay(run, random.random) for run in (1, 2, 3)] == [1.0, 60.0, 60.0]

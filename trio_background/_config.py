@@ -156,8 +156,8 @@ class Retry:
         """Seconds to wait after run number ``run`` failed (``random()`` in [0, 1))."""
         try:
             delay = self.backoff * self.multiplier ** (run - 1)
-        except OverflowError:
-            delay = math.inf
+        except OverflowError:  # (the growth is past any float: as long as it gets, or 0)
+            delay = math.inf if self.backoff else 0.0
         delay = min(self.max_backoff, delay)
         return delay * random() if self.jitter else delay
 
