@@ -99,8 +99,6 @@ _backend: dict[str, Any] = {}
 @pytest.fixture(autouse=True, params=["sqlite", "redis"])
 def backend(request: pytest.FixtureRequest) -> Iterator[str]:
     if request.param == "redis":
-        if request.node.get_closest_marker("sqlite_only"):
-            pytest.skip("written for the SQLite store (it edits the file)")
         pytest.importorskip("coredis")
         _backend["url"] = request.getfixturevalue("redis_server").url
     _backend["kind"] = request.param
@@ -395,7 +393,7 @@ async def _is(queue: DurableQueue, job_id: str, status: str) -> bool:
     return await queue.status(job_id) == status
 
 
-@pytest.mark.sqlite_only
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)  # (open_sqlite_queue itself)
 async def test_open_sqlite_queue_checks_its_arguments_and_the_schema(tmp_path: Path) -> None:
     for kwargs, error in (
         ({"lease": 0}, ValueError),
