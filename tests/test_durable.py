@@ -669,14 +669,24 @@ async def test_two_serves_into_one_runtime_claim_within_its_room(tmp_path: Path)
         for _ in range(12):
             await first.enqueue(sleeper, 0.05)
         most = 0
+
+        def claimed_and_not_ended() -> int:
+            # Claims held by either queue whose job has not ended (an ended job's outcome
+            # may wait a moment to be written: its claim holds no room any more).
+            ending = {o.token for q in (first, second) for o in q._outcomes}
+            ending |= first._writing_tokens | second._writing_tokens
+            return sum(t not in ending for q in (first, second) for t in q._held.values())
+
         async with open_background_runtime(config) as runtime, trio.open_nursery() as nursery:
             await nursery.start(first.serve, runtime)
             await nursery.start(second.serve, runtime)
-            while (s := await first.statistics()).completed < 12:
-                most = max(most, s.running)
-                await trio.sleep(0.005)
+            with trio.fail_after(30):
+                while (await first.statistics()).completed < 12:
+                    for _ in range(10):
+                        most = max(most, claimed_and_not_ended())
+                        await trio.sleep(0.001)
             nursery.cancel_scope.cancel()
-        assert most <= 2  # the slot and the queue place
+        assert 1 <= most <= 2  # the slot and the queue place
 
 
 async def test_a_runtime_timeout_is_named_in_the_dead_letter(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ own, so tests never see each other's jobs.
 
 from __future__ import annotations
 
-import gc
 import os
 import random
 import signal
@@ -31,14 +30,6 @@ from trio_background.durable import DurableQueue, DurableStatistics
 coredis = pytest.importorskip("coredis")
 
 from trio_background.redis import open_redis_queue  # noqa: E402
-
-
-# coredis leaves the memory streams of connections that failed, or that the server
-# dropped, to the garbage collector, which warns about them. Tests of those cases collect
-# the garbage before they end, so the warnings come under their filters.
-def dropped_connections(test: Any) -> Any:
-    test = pytest.mark.filterwarnings("ignore:Unclosed <MemoryObject:ResourceWarning")(test)
-    return pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")(test)
 
 
 class RedisWorker(Worker):
@@ -330,7 +321,6 @@ async def test_many_workers_under_kill_9_and_a_zombie_complete_every_job_once(
 # -- a Redis restart ------------------------------------------------------------------------
 
 
-@dropped_connections
 async def test_a_redis_restart_with_aof_always_loses_no_acknowledged_enqueue(
     tmp_path: Path, redis_stream: str
 ) -> None:
@@ -363,17 +353,14 @@ async def test_a_redis_restart_with_aof_always_loses_no_acknowledged_enqueue(
             assert stats == DurableStatistics(stats.pending, 0, 0, 0, 0, 0)
     finally:
         server.stop()
-        gc.collect()  # (the dropped connections' warnings come now, under this test's filter)
 
 
-@dropped_connections
 async def test_a_server_that_cannot_be_reached_raises_the_clients_own_error(
     redis_stream: str,
 ) -> None:
     with pytest.raises(coredis.exceptions.ConnectionError):
         async with queue("redis://127.0.0.1:1/0", redis_stream):
             pass  # pragma: no cover
-    gc.collect()
 
 
 # -- the monitored worker example -----------------------------------------------------------
@@ -450,7 +437,6 @@ async def test_the_monitored_worker_example_exports_its_jobs_and_the_queues(
         proc.stderr.close()  # type: ignore[union-attr]
 
 
-@dropped_connections
 async def test_a_worker_rides_out_a_short_redis_restart(
     tmp_path: Path, workers: list[Worker], redis_stream: str
 ) -> None:
@@ -475,4 +461,3 @@ async def test_a_worker_rides_out_a_short_redis_restart(
         assert sorted(tag for _, _, tag, _ in run_lines(tmp_path)) == ["after", "before"]
     finally:
         server.stop()
-        gc.collect()
