@@ -67,10 +67,14 @@ class Worker:
             stderr=subprocess.PIPE,
         )
         self.output = b""
-        line = self.ready_line = self.readline(20.0)
-        stderr = self.proc.stderr
-        assert stderr is not None
-        assert line.startswith(b"ready"), (line, stderr.read() if self.proc.poll() else b"")
+        try:
+            line = self.ready_line = self.readline(20.0)
+            stderr = self.proc.stderr
+            assert stderr is not None
+            assert line.startswith(b"ready"), (line, stderr.read() if self.proc.poll() else b"")
+        except BaseException:
+            self.kill()  # (not left running for the tests after this one)
+            raise
 
     @property
     def pid(self) -> int:
@@ -245,6 +249,32 @@ class Place:
         async with self.queue() as queue:
             return await queue.statistics()
 
+    async def freeze(self, worker: Worker) -> None:
+        """SIGSTOP ``worker``, at an instant it is not writing to the SQLite file.
+
+        A process stopped inside a write transaction holds SQLite's write lock, and every
+        other process waits for it (that is SQLite's single writer): the test wants a
+        worker stopped past its lease, not a file locked.
+        """
+        with trio.fail_after(20):
+            while True:
+                worker.proc.send_signal(signal.SIGSTOP)
+                if self.url is not None or await trio.to_thread.run_sync(self._unlocked):
+                    return
+                worker.proc.send_signal(signal.SIGCONT)
+                await trio.sleep(0.02)
+
+    def _unlocked(self) -> bool:
+        db = sqlite3.connect(self.path, timeout=0.2, isolation_level=None)
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("ROLLBACK")
+            return True
+        except sqlite3.OperationalError:  # (database is locked)
+            return False
+        finally:
+            db.close()
+
     async def wait_for(self, predicate: object, limit: float) -> DurableStatistics:
         """Read the statistics every 50 ms until ``predicate`` holds, ``limit`` s at most."""
         with trio.fail_after(limit):
@@ -332,7 +362,7 @@ async def test_a_stopped_workers_job_is_reclaimed_and_its_late_result_ignored(
     first = place.worker("--lease", "0.5")
     workers.append(first)
     await place.wait_for(lambda s: s.running == 1, 20)
-    first.proc.send_signal(signal.SIGSTOP)  # past its lease: a zombie
+    await place.freeze(first)  # past its lease: a zombie
     try:
         second = place.worker("--lease", "0.5")
         workers.append(second)
