@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ import pytest
 import trio
 from redis_server import RedisServer
 from test_worker import ROOT, Worker, environment, report_chaos, run_lines
+from test_worker import workers as workers  # (the fixture: every worker is killed by PID)
 
 from trio_background.durable import DurableQueue, DurableStatistics
 
@@ -35,18 +36,6 @@ from trio_background.redis import open_redis_queue  # noqa: E402
 class RedisWorker(Worker):
     def __init__(self, tmp_path: Path, url: str, stream: str, *options: str) -> None:
         super().__init__(tmp_path, Path(), "--stream", stream, *options, redis=url)
-
-
-@pytest.fixture
-def workers() -> Iterator[list[Worker]]:
-    """Every worker a test starts; any still alive at the end is killed by PID."""
-    started: list[Worker] = []
-    yield started
-    for worker in started:
-        if worker.proc.poll() is None:
-            worker.proc.send_signal(signal.SIGCONT)
-            worker.proc.kill()
-            worker.proc.wait(timeout=20)
 
 
 @asynccontextmanager
