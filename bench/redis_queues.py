@@ -452,6 +452,14 @@ class Bench:
         self.rundir = rundir
         self.counter = 0
 
+    def fresh_run(self, label: str, log_name: str) -> tuple[Path, Path]:
+        """An empty Redis, a log directory for the run, and an empty log the jobs write."""
+        logdir = self.logdir(label)
+        log = logdir / log_name
+        log.touch()
+        self.server.flush()
+        return logdir, log
+
     def logdir(self, label: str) -> Path:
         self.counter += 1
         d = self.rundir / f"{self.counter:03d}-{label}"
@@ -526,11 +534,7 @@ class Bench:
     async def latency(
         self, side: Any, nworkers: int, concurrency: int, rate: float, seconds: float
     ) -> dict[str, Any]:
-        label = f"{side.name.split()[0]}-latency-w{nworkers}"
-        logdir = self.logdir(label)
-        log = logdir / "latency.txt"
-        log.touch()
-        self.server.flush()
+        logdir, log = self.fresh_run(f"{side.name.split()[0]}-latency-w{nworkers}", "latency.txt")
         count = int(rate * seconds)
         async with side.client():
             workers = self.start_workers(side, nworkers, concurrency, logdir, log=log)
@@ -563,11 +567,7 @@ class Bench:
     async def recovery(
         self, side: Any, lease: float | None, bound: float = 150.0
     ) -> dict[str, Any]:
-        label = f"{side.name.split()[0]}-recovery-{lease}"
-        logdir = self.logdir(label)
-        log = logdir / "starts.txt"
-        log.touch()
-        self.server.flush()
+        logdir, log = self.fresh_run(f"{side.name.split()[0]}-recovery-{lease}", "starts.txt")
         tag = f"job{random.randrange(10**9)}"
 
         def starts() -> list[tuple[float, int]]:

@@ -159,18 +159,28 @@ async def wait_for(path: Path, predicate: object, limit: float) -> DurableStatis
 # -- the command line -----------------------------------------------------------------------
 
 
-def test_help_lists_every_option_and_the_exit_statuses() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "trio_background.worker", "--help"],
+def run_worker(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the worker command to its end (60 s at most); its output as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "trio_background.worker", *args],
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=tmp_path,
+        env=environment(tmp_path),
     )
+
+
+def test_help_lists_every_option_and_the_exit_statuses(tmp_path: Path) -> None:
+    proc = run_worker(tmp_path, "--help")
     assert proc.returncode == 0
     for option in (
         "MODULE:REGISTRY",
         "--sqlite",
+        "--redis",
+        "--stream",
+        "--group",
+        "--consumer",
         "--concurrency",
         "--queue-size",
         "--drain-timeout",
@@ -208,14 +218,7 @@ def test_bad_usage_exits_2_with_a_message(tmp_path: Path, args: list[str], messa
     foreign.execute("CREATE TABLE t (x)")
     foreign.close()
     (tmp_path / "garbage.db").write_bytes(b"not a database\n" * 100)
-    proc = subprocess.run(
-        [sys.executable, "-m", "trio_background.worker", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-        env=environment(tmp_path),
-    )
+    proc = run_worker(tmp_path, *args)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr

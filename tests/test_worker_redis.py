@@ -23,7 +23,7 @@ import durable_tasks
 import pytest
 import trio
 from redis_server import RedisServer
-from test_worker import ROOT, Worker, environment, report_chaos, run_lines
+from test_worker import ROOT, Worker, report_chaos, run_lines, run_worker
 from test_worker import workers as workers  # (the fixture: every worker is killed by PID)
 
 from trio_background.durable import DurableQueue, DurableStatistics
@@ -79,29 +79,6 @@ async def claimed_by(url: str, stream: str, pid: int) -> int:
 
 
 # -- the command line -----------------------------------------------------------------------
-
-
-def run_worker(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "trio_background.worker", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-        env=environment(tmp_path),
-    )
-
-
-def test_help_lists_the_redis_options() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "trio_background.worker", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    for option in ("--redis", "--stream", "--group", "--consumer"):
-        assert option in proc.stdout
 
 
 async def test_bad_redis_usage_exits_2_with_a_message(

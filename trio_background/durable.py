@@ -85,7 +85,7 @@ logger = logging.getLogger("trio_background")
 _ONE_RUN: Final = Retry(attempts=1)
 
 #: Seconds between two looks at whether the runtime has room again.
-POLL_INTERVAL: Final = 0.05
+ROOM_POLL_INTERVAL: Final = 0.05
 
 #: Seconds the recorder waits for more outcomes before it writes a batch.
 RECORD_LINGER: Final = 0.002
@@ -444,7 +444,7 @@ class DurableQueue:
                 # No room; or little room while the runtime has a round of work queued
                 # for its slots: wait for more, so that claims come in batches (each
                 # claim is a store call) and no slot goes idle meanwhile.
-                with trio.move_on_after(POLL_INTERVAL):
+                with trio.move_on_after(ROOM_POLL_INTERVAL):
                     await self._recorded.wait()
                 self._recorded = trio.Event()
                 continue
