@@ -147,13 +147,23 @@ async def statistics(path: Path) -> DurableStatistics:
 
 
 async def wait_for(path: Path, predicate: object, limit: float) -> DurableStatistics:
-    """Read the queue's statistics every 50 ms until ``predicate`` holds, ``limit`` s at most."""
-    with trio.fail_after(limit):
+    """Read the queue's statistics every 50 ms until ``predicate`` holds, ``limit`` s at most.
+
+    If it never holds, the failure says what the queue last looked like.
+    """
+    stats = None
+    with trio.move_on_after(limit):
         while True:
             stats = await statistics(path)
             if predicate(stats):  # type: ignore[operator]
                 return stats
             await trio.sleep(0.05)
+    async with open_sqlite_queue(path, durable_tasks.tasks) as queue:
+        dead = await queue.dead_letters()
+    raise AssertionError(
+        f"not within {limit} s; last {stats}; dead letters (first 5): "
+        f"{[(d.job_id, d.attempts, d.error) for d in dead[:5]]}"
+    )
 
 
 # -- the command line -----------------------------------------------------------------------
